@@ -1,0 +1,38 @@
+# The verbs people use. `make help` lists them.
+PYTHON ?= python3.11
+VENV   ?= .venv
+EXTRAS ?= preprocess,train,pipelines,serve,dev
+DATA   ?= ../shared/datasets/ml-1m-partial
+CONFIG ?= pipelines/configs/ml1m_sasrec.yaml
+RECML  := $(VENV)/bin/recml
+
+.PHONY: help setup test test-unit test-integration test-container run compile build bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed  ## create .venv with every extra, pinned by requirements/constraints.txt
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt
+	bash infra/setup.sh $(VENV) $(EXTRAS)
+	touch $@
+
+test: setup  ## run every test tier this machine can run
+	bash infra/test.sh
+
+test-unit: setup  ## fast tests only
+	$(VENV)/bin/pytest -q -m "not integration and not container"
+
+run: setup  ## the main job: the full local pipeline (DATA=..., CONFIG=...)
+	$(RECML) run --config $(CONFIG) --data $(DATA)
+
+compile: setup  ## compile the pipeline for Vertex AI to recml_pipeline.yaml
+	$(RECML) compile --config $(CONFIG) --target vertex --output recml_pipeline.yaml
+
+build: setup  ## build every container image with the local Docker engine
+	bash infra/build_images.sh
+
+bench: setup  ## run the benchmarks and rewrite their results tables
+	bash benchmarks/run_all.sh
+
+clean:  ## remove build outputs (keeps .venv)
+	rm -rf build dist *.egg-info .pytest_cache runs workdirs

@@ -1,0 +1,1 @@
+"""Pipeline steps: each module holds a step's logic as a plain ``run(...)`` and a thin KFP component."""

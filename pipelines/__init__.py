@@ -1,0 +1,1 @@
+"""The DAG, its compile/submit/schedule front ends and the ``recml`` CLI."""

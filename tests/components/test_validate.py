@@ -1,0 +1,141 @@
+"""The validate gate: the same test bodies against DuckDB and a real local BigQuery emulator."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from components import metrics_store
+from components import validate
+from components import write_metrics
+
+
+def evaluated(backend, run_id, ndcg, mrr=0.05, dataset="ml-100k", model="sasrec"):
+  """What the pipeline does before validate: write the run's evaluation metrics."""
+  write_metrics.run(backend.uri, run_id, "recml", model, dataset,
+                    {"valid": {"ndcg@10": ndcg, "mrr": mrr}, "test": {"ndcg@10": ndcg / 2}},
+                    model_uri=f"runs/{run_id}/model", store_options=backend.options)
+
+
+def gate(backend, run_id, **kwargs):
+  kwargs.setdefault("dataset", "ml-100k")
+  kwargs.setdefault("model_family", "sasrec")
+  return validate.run(backend.uri, run_id, store_options=backend.options, **kwargs)
+
+
+def test_first_model_is_blessed_and_recorded(backend):
+  evaluated(backend, "r1", 0.10)
+  decision = gate(backend, "r1")
+  assert decision["blessed"] is True
+  assert decision["champion_run_id"] is None and decision["champion_value"] is None
+  assert decision["candidate_value"] == 0.10
+  assert "first model" in decision["reason"]
+  store = backend.open()
+  (blessed,) = store.rows("r1", metric=metrics_store.BLESSED_METRIC)
+  assert (blessed.value, blessed.split, blessed.k) == (1.0, "valid", None)
+  assert blessed.model_uri == "runs/r1/model" and blessed.pipeline == "recml"
+  assert blessed.labels["gate"]["reason"] == decision["reason"]
+  assert store.champion("ml-100k", "sasrec", "ndcg", 10).run_id == "r1"
+  assert [r.blessed for r in store.runs()] == [True]
+
+
+def test_better_and_equal_candidates_are_blessed(backend):
+  evaluated(backend, "r1", 0.10)
+  gate(backend, "r1")
+  evaluated(backend, "r2", 0.12)
+  better = gate(backend, "r2")
+  assert better["blessed"] is True
+  assert (better["champion_run_id"], better["champion_value"]) == ("r1", 0.10)
+  assert backend.open().champion("ml-100k", "sasrec", "ndcg", 10).run_id == "r2"
+  evaluated(backend, "r3", 0.12)
+  equal = gate(backend, "r3")
+  assert equal["blessed"] is True and equal["champion_run_id"] == "r2"
+  assert ">= 0.12" in equal["reason"]
+
+
+def test_worse_candidate_is_rejected_and_never_becomes_champion(backend):
+  evaluated(backend, "r1", 0.10)
+  gate(backend, "r1")
+  evaluated(backend, "r2", 0.09)
+  decision = gate(backend, "r2")
+  assert decision["blessed"] is False
+  assert decision["champion_run_id"] == "r1" and decision["candidate_value"] == 0.09
+  assert "0.09 < 0.1" in decision["reason"]
+  store = backend.open()
+  assert [r.value for r in store.rows("r2", metric=metrics_store.BLESSED_METRIC)] == [0.0]
+  assert store.champion("ml-100k", "sasrec", "ndcg", 10).run_id == "r1"
+  # A later candidate is gated against the best blessed run, not the latest run.
+  evaluated(backend, "r3", 0.095)
+  assert gate(backend, "r3")["champion_run_id"] == "r1"
+
+
+def test_tolerance_is_relative(backend):
+  evaluated(backend, "champ", 0.20)
+  gate(backend, "champ")
+  # 10% relative: threshold 0.18. (An absolute 0.1 would have let 0.15 through.)
+  evaluated(backend, "within", 0.181)
+  evaluated(backend, "beyond", 0.179)
+  evaluated(backend, "far", 0.15)
+  within = gate(backend, "within", tolerance=0.1)
+  assert within["blessed"] is True and within["threshold"] == pytest.approx(0.18)
+  assert gate(backend, "beyond", tolerance=0.1)["blessed"] is False
+  assert gate(backend, "far", tolerance=0.1)["blessed"] is False
+  # The champion stays the best blessed value, so tolerance cannot ratchet down.
+  assert backend.open().champion("ml-100k", "sasrec", "ndcg", 10).run_id == "champ"
+
+
+def test_revalidating_a_run_replaces_its_decision(backend):
+  evaluated(backend, "r1", 0.10)
+  gate(backend, "r1")
+  evaluated(backend, "r2", 0.09)
+  assert gate(backend, "r2")["blessed"] is False
+  # Not its own champion: r1 stays the reference, r2's decision row is replaced.
+  assert gate(backend, "r2", tolerance=0.2)["blessed"] is True
+  rows = backend.open().rows("r2", metric=metrics_store.BLESSED_METRIC)
+  assert [r.value for r in rows] == [1.0]
+
+
+def test_gate_on_mrr_and_families_are_separate(backend):
+  evaluated(backend, "s1", 0.1, mrr=0.05)
+  evaluated(backend, "b1", 0.1, mrr=0.01, model="bert4rec")
+  assert gate(backend, "s1", metric="mrr", k=None)["blessed"] is True
+  first_bert = gate(backend, "b1", metric="mrr", k=None, model_family="bert4rec")
+  assert first_bert["blessed"] is True and first_bert["champion_run_id"] is None
+  evaluated(backend, "s2", 0.1, mrr=0.04)
+  decision = gate(backend, "s2", metric="mrr", k=None)
+  assert decision["blessed"] is False and decision["metric"] == "valid/mrr"
+
+
+def test_candidate_value_given_and_lower_is_better(backend):
+  assert gate(backend, "l1", metric="loss", k=None, candidate_value=2.0,
+              higher_is_better=False)["blessed"] is True
+  worse = gate(backend, "l2", metric="loss", k=None, candidate_value=2.5,
+               higher_is_better=False)
+  assert worse["blessed"] is False and "2.5 > 2" in worse["reason"]
+
+
+def test_bad_input(backend):
+  with pytest.raises(ValueError, match="has no valid ndcg@10"):
+    gate(backend, "never-evaluated")
+  with pytest.raises(ValueError, match="diverged run is never blessed"):
+    gate(backend, "r", candidate_value=math.nan)
+  with pytest.raises(ValueError, match=r"relative and must lie in \[0, 1\)"):
+    gate(backend, "r", candidate_value=0.1, tolerance=1.5)
+  with pytest.raises(ValueError, match="metric='ndcg', k=10"):
+    gate(backend, "r", metric="ndcg@10")
+  assert backend.open().rows() == []
+
+
+@pytest.mark.parametrize("candidate, champion, tolerance, higher, expected", [
+    (0.5, None, 0.0, True, (True, None)),
+    (0.2, 0.2, 0.0, True, (True, 0.2)),
+    (0.19, 0.2, 0.0, True, (False, 0.2)),
+    (0.19, 0.2, 0.06, True, (True, 0.188)),
+    (-1.1, -1.0, 0.1, True, (True, -1.1)),   # relative to |champion|
+    (1.1, 1.0, 0.1, False, (True, 1.1)),
+    (1.2, 1.0, 0.1, False, (False, 1.1)),
+])
+def test_decide(candidate, champion, tolerance, higher, expected):
+  blessed, threshold = validate.decide(candidate, champion, tolerance, higher)
+  assert (blessed, threshold) == (expected[0], pytest.approx(expected[1]))

@@ -1,0 +1,79 @@
+"""The dataset contract: split protocol, serialization, dataset_info, input pipeline."""
+
+import json
+
+import numpy as np
+import pytest
+
+from trainers import features
+from trainers.input_pipeline import SequenceData
+
+
+def test_split_protocol_golden():
+  s = features.split_user_events(7, [5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6], max_len=3)
+  assert s.train == {"user_id": 7, "item_ids": [5, 6, 7, 8], "timestamps": [1, 2, 3, 4]}
+  assert s.valid == {"user_id": 7, "item_ids": [6, 7, 8], "timestamps": [2, 3, 4],
+                     "target_item": 9, "target_timestamp": 5}
+  assert s.test == {"user_id": 7, "item_ids": [7, 8, 9], "timestamps": [3, 4, 5],
+                    "target_item": 10, "target_timestamp": 6}
+  # 3 events: valid and test only; fewer: dropped
+  three = features.split_user_events(1, [2, 3, 4], [1, 2, 3], max_len=3)
+  assert three.train is None and three.valid["item_ids"] == [2] and three.test["target_item"] == 4
+  assert features.split_user_events(1, [2, 3], [1, 2], max_len=3) is None
+  with pytest.raises(ValueError, match="timestamps"):
+    features.split_user_events(1, [2, 3, 4], [1, 2], max_len=3)
+
+
+def test_no_future_leakage_in_any_split():
+  items = list(range(2, 40))
+  s = features.split_user_events(0, items, list(range(len(items))), max_len=50)
+  assert s.valid["target_item"] not in s.train["item_ids"]
+  assert s.test["target_item"] not in s.train["item_ids"] + s.valid["item_ids"]
+  assert max(s.valid["timestamps"]) < s.valid["target_timestamp"]
+
+
+def test_writer_round_trip_and_input_pipeline(tmp_path):
+  events = {0: ([2, 3, 4, 5, 6, 7], [10, 20, 30, 40, 50, 60]),
+            1: ([3, 4, 5], [1, 2, 3]),
+            2: ([5, 6], [1, 2]),
+            3: ([2, 2, 3, 4, 9, 8, 7, 6, 5], list(range(9)))}
+  info = features.write_sequence_dataset(str(tmp_path), events, item_vocab_size=10, max_len=4,
+                                         item_vocab=[str(i) for i in range(10)])
+  assert info.num_examples == {"train": 2, "valid": 3, "test": 3}
+  assert info.num_users == 3 and info.num_items == 8
+  assert features.load_dataset_info(str(tmp_path)) == info
+  assert features.load_item_vocab(str(tmp_path))[9] == "9"
+  assert json.loads((tmp_path / "dataset_info.json").read_text())["max_len"] == 4
+
+  train = list(SequenceData(str(tmp_path), "train", batch_size=4, max_len=4,
+                            shuffle_buffer=1).batches())
+  assert len(train) == 1
+  b = train[0]
+  np.testing.assert_array_equal(b["inputs"][:2], [[0, 2, 3, 4], [3, 4, 9, 8]])
+  np.testing.assert_array_equal(b["targets"][:2], [[0, 3, 4, 5], [4, 9, 8, 7]])
+  np.testing.assert_array_equal(b["query_timestamps"][0], [0, 20, 30, 40])
+  np.testing.assert_array_equal(b["weights"].sum(1), [3, 4, 0, 0])  # padded rows weigh 0
+
+  test = next(SequenceData(str(tmp_path), "test", batch_size=4, max_len=4).batches())
+  np.testing.assert_array_equal(test["history"][:3], [[3, 4, 5, 6], [0, 0, 3, 4], [9, 8, 7, 6]])
+  np.testing.assert_array_equal(test["target"], [7, 5, 5, 0])
+  np.testing.assert_array_equal(test["query_timestamps"][0], [30, 40, 50, 60])
+  np.testing.assert_array_equal(test["weight"], [1, 1, 1, 0])
+
+
+def test_shuffle_is_a_function_of_seed_and_epoch(tmp_path):
+  events = {u: (list(range(2, 8)), list(range(6))) for u in range(50)}
+  for u in events:
+    events[u] = ([2 + (u + i) % 20 for i in range(6)], list(range(6)))
+  features.write_sequence_dataset(str(tmp_path), events, item_vocab_size=22, max_len=5)
+  data = SequenceData(str(tmp_path), "train", batch_size=8, max_len=5)
+  order = lambda e, s: np.concatenate([b["inputs"][:, -1] for b in data.batches(e, s)])
+  np.testing.assert_array_equal(order(1, 0), order(1, 0))
+  assert not np.array_equal(order(1, 0), order(2, 0))
+
+
+def test_missing_dataset_says_what_to_pass(tmp_path):
+  with pytest.raises(FileNotFoundError, match="recml preprocess"):
+    features.load_dataset_info(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="no TFRecord shards"):
+    features.split_files(str(tmp_path), "train")

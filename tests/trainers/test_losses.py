@@ -1,0 +1,65 @@
+"""Losses against direct numpy computations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trainers import losses
+
+
+def numpy_sampled_softmax(user, targets, weights, table, negatives, temperature):
+  b, l, _ = user.shape
+  negatives = np.broadcast_to(negatives, (b, l, negatives.shape[-1]))
+  total, count = 0.0, 0.0
+  for i in range(b):
+    for j in range(l):
+      if weights[i, j] == 0:
+        continue
+      pos = user[i, j] @ table[targets[i, j]] / temperature
+      negs = [user[i, j] @ table[n] / temperature for n in negatives[i, j] if n != targets[i, j]]
+      logits = np.array([pos] + negs, np.float64)
+      total += weights[i, j] * (np.log(np.exp(logits - logits.max()).sum()) + logits.max() - pos)
+      count += weights[i, j]
+  return total / count
+
+
+@pytest.mark.parametrize("sharing", ["position", "sequence", "batch"])
+def test_sampled_softmax_equals_numpy(sharing):
+  rng = np.random.default_rng(0)
+  b, l, d, v, n = 3, 5, 8, 12, 6
+  user = rng.normal(size=(b, l, d)).astype(np.float32)
+  table = rng.normal(size=(v, d)).astype(np.float32)
+  targets = rng.integers(2, v, (b, l))
+  weights = (rng.uniform(size=(b, l)) > 0.3).astype(np.float32)
+  negatives = np.asarray(losses.sample_negatives(jax.random.key(1), (b, l), n, v, sharing))
+  negatives = negatives.copy()
+  negatives.flat[0] = targets.flat[0]  # a negative equal to the target is excluded
+  got = losses.sampled_softmax_loss(jnp.asarray(user), jnp.asarray(targets), jnp.asarray(weights),
+                                    jnp.asarray(table), jnp.asarray(negatives), 0.5)
+  want = numpy_sampled_softmax(user, targets, weights, table, negatives, 0.5)
+  assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_negatives_are_uniform_over_real_items():
+  neg = np.asarray(losses.sample_negatives(jax.random.key(0), (64, 50), 128, 20, "position"))
+  assert neg.shape == (64, 50, 128) and neg.min() == 2 and neg.max() == 19
+  counts = np.bincount(neg.ravel(), minlength=20)[2:]
+  assert counts.std() / counts.mean() < 0.02
+  assert losses.sample_negatives(jax.random.key(0), (4, 7), 9, 20, "sequence").shape == (4, 1, 9)
+  assert losses.sample_negatives(jax.random.key(0), (4, 7), 9, 20, "batch").shape == (1, 1, 9)
+
+
+def test_full_softmax_equals_numpy():
+  rng = np.random.default_rng(3)
+  user = rng.normal(size=(2, 3, 4)).astype(np.float32)
+  table = rng.normal(size=(9, 4)).astype(np.float32)
+  targets = rng.integers(2, 9, (2, 3))
+  weights = np.ones((2, 3), np.float32)
+  logits = np.einsum("bld,vd->blv", user, table).astype(np.float64) / 0.1
+  logits[..., :2] = -np.inf
+  lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  want = np.mean(lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0])
+  got = losses.softmax_loss(jnp.asarray(user), jnp.asarray(targets), jnp.asarray(weights),
+                            jnp.asarray(table), 0.1)
+  assert float(got) == pytest.approx(want, rel=1e-5)

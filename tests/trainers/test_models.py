@@ -1,0 +1,107 @@
+"""Model behaviour: causality, padding, time bias, logical axis names."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trainers import configs, layers, models
+from trainers.models import hstu
+
+NAMES = ("sasrec", "hstu", "hstu-large")
+
+
+def _init(name, **over):
+  cfg = configs.get_config(name, smoke=True, vocab_size=30, **over).model_config
+  model = models.build(name, cfg)
+  d = jnp.zeros((1, cfg.max_len), jnp.int32)
+  variables = model.init(jax.random.key(0), d, d, d)
+  return cfg, model, nn.meta.unbox(variables["params"]), variables
+
+
+def _batch(cfg, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(2, 30, (3, cfg.max_len)).astype(np.int32)
+  ids[1, :5] = 0  # left padding
+  ts = np.cumsum(rng.integers(1, 10_000, (3, cfg.max_len)), axis=1).astype(np.int32)
+  return ids, ts, np.concatenate([ts[:, 1:], ts[:, -1:] + 7], axis=1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_causality(name):
+  """Changing the item at position t changes no output before t (and does change t)."""
+  cfg, model, params, _ = _init(name)
+  ids, ts, qts = _batch(cfg)
+  out = model.apply({"params": params}, ids, ts, qts)
+  for t in (7, cfg.max_len // 2, cfg.max_len - 1):
+    changed = ids.copy()
+    changed[:, t] = np.where(ids[:, t] == 2, 3, 2)
+    out2 = model.apply({"params": params}, changed, ts, qts)
+    np.testing.assert_allclose(out2[:, :t], out[:, :t], atol=1e-6)
+    assert np.abs(np.asarray(out2[:, t] - out[:, t])).max() > 1e-4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_padding_outputs_zero_and_outputs_unit_length(name):
+  cfg, model, params, _ = _init(name)
+  ids, ts, qts = _batch(cfg)
+  out = np.asarray(model.apply({"params": params}, ids, ts, qts))
+  assert np.all(out[1, :5] == 0)
+  norms = np.linalg.norm(out[ids != 0], axis=-1)
+  np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+
+
+def test_hstu_time_bias_uses_query_times_and_buckets_logarithmically():
+  b = hstu.time_buckets(jnp.array([0, 1, 2, 10, 1000, -1000, 10**9]), 128, 0.301)
+  assert list(np.asarray(b)) == [0, 0, 2, 7, 22, 22, 68]
+  assert int(hstu.time_buckets(jnp.array([2**31 - 1]), 50, 0.301)[0]) == 50  # clipped
+  cfg, model, params, _ = _init("hstu")
+  ids, ts, qts = _batch(cfg)
+  out = model.apply({"params": params}, ids, ts, qts)
+  out_late = model.apply({"params": params}, ids, ts, qts + 10**7)
+  assert np.abs(np.asarray(out - out_late)).max() > 1e-4
+  cfg2, model2, params2, _ = _init("hstu", time_bias=False)
+  a = model2.apply({"params": params2}, ids, ts, qts)
+  b = model2.apply({"params": params2}, ids, ts, qts + 10**7)
+  np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_item_table_carries_logical_axes(name):
+  _, _, params, variables = _init(name)
+  specs = nn.get_partition_spec(variables)["params"]
+  assert tuple(specs["item_embedding"]["embedding"]) == (layers.VOCAB, layers.EMBED)
+  assert params["item_embedding"]["embedding"].shape[0] == 30
+
+
+def test_presets_match_the_papers_settings():
+  s = configs.get_config("sasrec").model_config
+  h = configs.get_config("hstu").model_config
+  hl = configs.get_config("hstu-large").model_config
+  assert (s.max_len, s.embedding_dim, s.num_blocks, s.num_heads, s.dropout) == (200, 50, 2, 1, 0.2)
+  assert (h.num_blocks, h.num_heads, h.attention_dim, h.linear_dim) == (2, 1, 50, 50)
+  assert (hl.num_blocks, hl.num_heads, hl.attention_dim, hl.linear_dim) == (8, 2, 25, 25)
+  assert s.l2_normalize and h.l2_normalize
+  t = configs.get_config("hstu")
+  assert (t.batch_size, t.learning_rate, t.beta1, t.beta2) == (128, 1e-3, 0.9, 0.98)
+  assert (t.num_negatives, t.temperature) == (128, 0.05)
+
+
+def test_overrides_and_round_trip():
+  cfg = configs.apply_overrides(configs.get_config("hstu"),
+                                ["num_blocks=4", "model.dropout=0.1", "epochs=3", "loss=softmax"])
+  assert cfg.model_config.num_blocks == 4 and cfg.model_config.dropout == 0.1
+  assert cfg.epochs == 3 and cfg.loss == "softmax"
+  again = configs.TrainConfig.from_dict(cfg.to_dict())
+  assert again == cfg
+  with pytest.raises(ValueError, match="unknown setting 'bogus'"):
+    configs.apply_overrides(cfg, ["bogus=1"])
+  with pytest.raises(ValueError, match="key=value"):
+    configs.apply_overrides(cfg, ["epochs"])
+  with pytest.raises(ValueError, match="loss must be one of"):
+    configs.apply_overrides(cfg, ["loss=bpr"])
+  with pytest.raises(ValueError, match="unknown model"):
+    configs.get_config("gru4rec")

@@ -1,0 +1,165 @@
+"""Experiment configs: one frozen dataclass for training plus the model's own config.
+
+Presets (``get_config(name)``) state how to run them and what they reach:
+
+* ``sasrec``     -- ML-1M setting of the HSTU paper's SASRec baseline: 2 blocks, 1 head,
+  d=50, dropout 0.2, sampled softmax with 128 negatives at temperature 0.05.
+  ml-1m-partial on 2 CPU cores: see benchmarks/results/train.md for s/epoch and HR@10.
+* ``hstu``       -- 2 blocks, 1 head, d_qk = d_v = 50.
+* ``hstu-large`` -- 8 blocks, 2 heads, d_qk = d_v = 25.
+
+Every preset has a smoke variant (``smoke=True``) used by the tests: a tiny model
+that trains a few steps in seconds.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from typing import Any, Iterable
+
+from trainers import models
+
+LOSSES = ("sampled_softmax", "softmax")
+NEGATIVE_SHARING = ("position", "sequence", "batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything ``train_and_evaluate`` needs, besides the work directory."""
+
+  model: str = "sasrec"
+  model_config: Any = None            # the model's frozen config (see trainers.models)
+  data_dir: str = ""
+  # optimisation (AdamW as in the HSTU paper's code)
+  epochs: int = 100
+  batch_size: int = 128
+  learning_rate: float = 1e-3
+  beta1: float = 0.9
+  beta2: float = 0.98
+  weight_decay: float = 0.0
+  grad_clip_norm: float = 0.0         # 0 disables clipping
+  # loss
+  loss: str = "sampled_softmax"
+  num_negatives: int = 128
+  temperature: float = 0.05
+  # fresh negatives per sequence (shared by its positions), per position (the HSTU
+  # code; ~3x slower on CPU: a [B, L, N, D] gather) or per batch
+  negative_sharing: str = "sequence"
+  # evaluation, selection, early stopping
+  eval_every: int = 1                 # epochs
+  eval_batch_size: int = 256
+  top_ks: tuple[int, ...] = (10, 50, 200)
+  exclude_history: bool = True
+  selection_metric: str = "ndcg@10"   # on the validation split
+  patience: int = 10                  # evaluations without improvement before stopping; 0 = never
+  # input
+  shuffle_buffer: int = 100_000
+  # bookkeeping
+  seed: int = 42
+  log_every_steps: int = 50
+  max_steps_per_epoch: int = 0        # 0 = whole epoch; >0 caps it (smoke tests)
+
+  def __post_init__(self):
+    if self.model_config is None:
+      object.__setattr__(self, "model_config", models.model_config(self.model))
+    checks = [
+        (self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}"),
+        (self.negative_sharing in NEGATIVE_SHARING,
+         f"negative_sharing must be one of {NEGATIVE_SHARING}, got {self.negative_sharing!r}"),
+        (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+        (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+        (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
+        (self.num_negatives >= 1, f"num_negatives must be >= 1, got {self.num_negatives}"),
+        (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+        (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
+    ]
+    for ok, message in checks:
+      if not ok:
+        raise ValueError(message)
+    name, _, k = self.selection_metric.partition("@")
+    if name not in ("hr", "ndcg", "mrr") or (k and int(k) not in self.top_ks):
+      raise ValueError(f"selection_metric {self.selection_metric!r} is not among the "
+                       f"computed metrics (hr@K / ndcg@K for K in {self.top_ks}, mrr)")
+
+  @property
+  def max_len(self) -> int:
+    return self.model_config.max_len
+
+  def replace(self, **changes: Any) -> "TrainConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    d["model_config"] = dataclasses.asdict(self.model_config)
+    d["top_ks"] = list(self.top_ks)
+    return d
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    d = dict(d)
+    d["model_config"] = models.config_from_dict(d["model"], d.get("model_config") or {})
+    if "top_ks" in d:
+      d["top_ks"] = tuple(d["top_ks"])
+    return cls(**d)
+
+
+def get_config(model: str = "sasrec", *, smoke: bool = False, **overrides: Any) -> TrainConfig:
+  """A preset for ``model``; ``smoke=True`` gives the tiny variant used by tests.
+
+  ``overrides`` may name fields of TrainConfig or of the model's config.
+  """
+  model_fields = {f.name for f in dataclasses.fields(type(models.model_config(model)))}
+  model_over = {k: v for k, v in overrides.items() if k in model_fields}
+  train_over = {k: v for k, v in overrides.items() if k not in model_fields}
+  if smoke:
+    model_over = {"max_len": 20, "embedding_dim": 16, "num_blocks": 1, **model_over}
+    if model == "hstu-large":
+      model_over = {"num_heads": 2, "attention_dim": 8, "linear_dim": 8, **model_over}
+    train_over = {"epochs": 2, "batch_size": 32, "num_negatives": 16,
+                  "eval_batch_size": 64, "patience": 0, **train_over}
+  return TrainConfig(model=model, model_config=models.model_config(model, **model_over),
+                     **train_over)
+
+
+def _parse_value(text: str) -> Any:
+  lowered = text.strip().lower()
+  if lowered in ("true", "false"):
+    return lowered == "true"
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(config: TrainConfig, assignments: Iterable[str]) -> TrainConfig:
+  """Applies ``key=value`` strings (``--set``). Keys name TrainConfig fields or,
+  bare or as ``model.KEY``, fields of the model config."""
+  train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model_config"}
+  model_fields = {f.name for f in dataclasses.fields(type(config.model_config))}
+  train_changes, model_changes = {}, {}
+  for item in assignments:
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+      raise ValueError(f"--set expects key=value, got {item!r}")
+    value = _parse_value(raw)
+    bare = key.removeprefix("model.")
+    if key.startswith("model.") or (key not in train_fields and bare in model_fields):
+      if bare not in model_fields:
+        raise ValueError(f"unknown model setting {bare!r} for {config.model}; "
+                         f"known: {', '.join(sorted(model_fields))}")
+      model_changes[bare] = value
+    elif key in train_fields:
+      if key == "model":
+        raise ValueError("choose the model with --model, not --set model=...")
+      train_changes[key] = tuple(value) if key == "top_ks" else value
+    else:
+      raise ValueError(f"unknown setting {key!r}; known: "
+                       f"{', '.join(sorted(train_fields | model_fields))}")
+  new_model = dataclasses.replace(config.model_config, **model_changes)
+  return dataclasses.replace(config, model_config=new_model, **train_changes)

@@ -1,0 +1,134 @@
+"""tf.data input pipeline for the sequence dataset (see :mod:`trainers.features`).
+
+Reads the TFRecord shards of a split, shuffles (seeded per epoch, so a resumed
+run sees the same order as an uninterrupted one), batches, parses a whole batch
+at once, right-aligns sequences to ``max_len`` (padding on the left, keeping the
+most recent items), pads the last batch to full size with zero-weight rows (one
+compiled shape), and prefetches. Batches are dicts of numpy arrays:
+
+train: ``inputs``, ``timestamps``, ``query_timestamps``, ``targets``,
+``weights`` -- all ``[B, L]``; ``weights`` is 0 at padding and OOV targets.
+
+eval: ``history``, ``timestamps``, ``query_timestamps`` (``[B, L]``),
+``target``, ``weight`` (``[B]``).
+
+Timestamps become int32 (unix seconds fit until 2038); the model uses differences.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from trainers import features
+
+Batch = dict[str, np.ndarray]
+
+
+def _tf():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  # JAX owns the accelerators; TF only reads files.
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:
+    pass  # already initialised
+  return tf
+
+
+def _right_align(tf, ragged, length: int):
+  """Ragged ``[B, None]`` -> dense ``[B, length]``: last ``length`` values, left-padded with 0."""
+  lengths = tf.minimum(tf.cast(ragged.row_lengths(), tf.int64), length)
+  ragged = ragged[:, -length:] if length > 0 else ragged
+  dense = ragged.to_tensor(default_value=0, shape=[None, length])
+  shift = length - lengths                                          # [B]
+  idx = tf.range(length, dtype=tf.int64)[None, :] - shift[:, None]  # source column
+  gathered = tf.gather(dense, tf.maximum(idx, 0), batch_dims=1)
+  return tf.where(idx >= 0, gathered, tf.zeros_like(gathered))
+
+
+def _pad_rows(tf, x, batch_size: int):
+  n = tf.shape(x)[0]
+  paddings = [[0, batch_size - n]] + [[0, 0]] * (len(x.shape) - 1)
+  return tf.ensure_shape(tf.pad(x, paddings), [batch_size] + list(x.shape[1:]))
+
+
+class SequenceData:
+  """One split of a sequence dataset, ready to iterate in batches.
+
+  Args:
+    data_dir: dataset directory (local or gs://).
+    split: ``train``, ``valid`` or ``test``.
+    batch_size: rows per batch (the last batch is padded with zero-weight rows).
+    max_len: sequence length fed to the model.
+    shuffle_buffer: examples in the shuffle buffer (train only); a buffer at
+      least the split's size gives a uniform shuffle.
+    cache: keep the serialized records in memory after the first pass.
+  """
+
+  def __init__(self, data_dir: str, split: str, batch_size: int, max_len: int,
+               shuffle_buffer: int = 100_000, cache: bool = True):
+    tf = _tf()
+    self.split, self.batch_size, self.max_len = split, batch_size, max_len
+    self.shuffle_buffer = shuffle_buffer
+    self.files = features.split_files(data_dir, split)
+    compression = "GZIP" if features.is_compressed(self.files[0]) else ""
+    ds = tf.data.TFRecordDataset(self.files, compression_type=compression,
+                                 num_parallel_reads=1)
+    self._records = ds.cache() if cache else ds
+    self._spec = features.feature_spec(split)
+
+  def _parse_train(self, serialized):
+    tf = _tf()
+    ex = tf.io.parse_example(serialized, self._spec)
+    items, ts = ex[features.ITEM_IDS], ex[features.TIMESTAMPS]
+    length, b = self.max_len, self.batch_size
+    targets = _right_align(tf, items[:, 1:], length)
+    out = {
+        "inputs": _right_align(tf, items[:, :-1], length),
+        "timestamps": _right_align(tf, ts[:, :-1], length),
+        "query_timestamps": _right_align(tf, ts[:, 1:], length),
+        "targets": targets,
+        "weights": tf.cast(targets >= features.FIRST_ITEM_ID, tf.float32),
+    }
+    out = {k: _pad_rows(tf, v, b) for k, v in out.items()}
+    return {k: tf.cast(v, tf.float32 if k == "weights" else tf.int32) for k, v in out.items()}
+
+  def _parse_eval(self, serialized):
+    tf = _tf()
+    ex = tf.io.parse_example(serialized, self._spec)
+    items, ts = ex[features.ITEM_IDS], ex[features.TIMESTAMPS]
+    target_ts = ex[features.TARGET_TIMESTAMP][:, None]
+    next_ts = tf.concat([ts[:, 1:], tf.RaggedTensor.from_tensor(target_ts, row_splits_dtype=ts.row_splits.dtype)], axis=1)
+    length, b = self.max_len, self.batch_size
+    out = {
+        "history": _right_align(tf, items, length),
+        "timestamps": _right_align(tf, ts, length),
+        "query_timestamps": _right_align(tf, next_ts, length),
+        "target": ex[features.TARGET_ITEM],
+        "weight": tf.ones_like(ex[features.TARGET_ITEM], tf.float32),
+    }
+    out = {k: _pad_rows(tf, v, b) for k, v in out.items()}
+    return {k: tf.cast(v, tf.float32 if k == "weight" else tf.int32) for k, v in out.items()}
+
+  def dataset(self, epoch: int = 0, seed: int = 0):
+    """The ``tf.data.Dataset`` of one epoch (deterministic given ``seed``, ``epoch``)."""
+    tf = _tf()
+    ds = self._records
+    is_train = self.split == features.TRAIN
+    if is_train:
+      ds = ds.shuffle(self.shuffle_buffer, seed=seed * 100_003 + epoch,
+                      reshuffle_each_iteration=False)
+    ds = ds.batch(self.batch_size)
+    parse = self._parse_train if is_train else self._parse_eval
+    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+  def batches(self, epoch: int = 0, seed: int = 0, max_steps: int = 0) -> Iterator[Batch]:
+    """Numpy batches of one epoch; ``max_steps > 0`` stops early."""
+    for step, batch in enumerate(self.dataset(epoch, seed).as_numpy_iterator()):
+      if max_steps and step >= max_steps:
+        return
+      yield batch

@@ -1,0 +1,125 @@
+"""Pieces shared by the sequential models: the item embedding, positions, masks.
+
+Parameters carry *logical* axis names (``vocab``, ``embed``, ``mlp``, ``heads``,
+...); :mod:`trainers.sharding` maps them onto mesh axes. Sharding an embedding
+table later means changing that table of rules, not the models.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from trainers import features
+
+Array = jax.Array
+
+# Logical axis names used by parameters and activations.
+VOCAB = "vocab"
+EMBED = "embed"
+MLP = "mlp"
+HEADS = "heads"
+KV = "kv"
+POSITION = "position"
+BUCKETS = "buckets"
+
+
+def truncated_normal(stddev: float = 0.02) -> Callable:
+  return nn.initializers.truncated_normal(stddev=stddev)
+
+
+def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
+  """Unit-length rows; zero rows stay zero with a finite gradient (no sqrt at 0)."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+def dense(features_: int, axes: tuple[str, str], *, use_bias: bool = True,
+          kernel_init: Callable = nn.initializers.xavier_uniform(),
+          name: str | None = None) -> nn.Dense:
+  """A Dense layer whose kernel carries logical axis names."""
+  return nn.Dense(
+      features_, use_bias=use_bias, name=name,
+      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
+
+
+class ItemEmbedding(nn.Module):
+  """The item table. The one module every model uses for item ids.
+
+  Row ``features.PAD_ID`` is padding; lookups of it return zeros. The table's
+  axes are (``vocab``, ``embed``), so a rule mapping ``vocab`` to a mesh axis
+  shards it row-wise.
+
+  Attributes:
+    vocab_size: rows, including padding and OOV.
+    features: embedding width.
+    normalize: return L2-normalised vectors (the HSTU paper's setting).
+  """
+
+  vocab_size: int
+  features: int
+  normalize: bool = False
+  stddev: float = 0.02
+
+  def setup(self):
+    self.table = self.param(
+        "embedding",
+        nn.with_logical_partitioning(truncated_normal(self.stddev), (VOCAB, EMBED)),
+        (self.vocab_size, self.features), jnp.float32)
+
+  def __call__(self, ids: Array) -> Array:
+    """Raw (unnormalised) embeddings of ``ids``, zero at padding."""
+    emb = jnp.take(self.table, ids, axis=0)
+    return emb * (ids != features.PAD_ID)[..., None].astype(emb.dtype)
+
+  def candidates(self, ids: Array) -> Array:
+    """Embeddings of items as ranking candidates (normalised if configured)."""
+    emb = jnp.take(self.table, ids, axis=0)
+    return l2_normalize(emb) if self.normalize else emb
+
+  def all_candidates(self) -> Array:
+    """The whole table as candidates: ``[vocab_size, features]``."""
+    return l2_normalize(self.table) if self.normalize else self.table
+
+
+class PositionEmbedding(nn.Module):
+  """Learned absolute positions for right-aligned sequences.
+
+  Sequences are padded on the left, so position ``L-1`` is always the most
+  recent item: a position embedding encodes recency.
+  """
+
+  max_len: int
+  features: int
+
+  @nn.compact
+  def __call__(self, length: int) -> Array:
+    table = self.param(
+        "embedding",
+        nn.with_logical_partitioning(truncated_normal(0.02), (POSITION, EMBED)),
+        (self.max_len, self.features), jnp.float32)
+    return table[self.max_len - length:]
+
+
+def causal_mask(valid: Array) -> Array:
+  """``[B, 1, L, L]`` boolean: query i may attend to key j iff j <= i and j is valid."""
+  length = valid.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+  return causal[None, None] & valid[:, None, None, :]
+
+
+def embed_sequence(item_emb: ItemEmbedding, pos_emb: PositionEmbedding, dropout: nn.Dropout,
+                   item_ids: Array, deterministic: bool) -> tuple[Array, Array]:
+  """Shared input block: ``E[item] * sqrt(d) + P[pos]``, dropout, zeroed padding.
+
+  Returns:
+    (``[B, L, D]`` embeddings, ``[B, L]`` validity mask).
+  """
+  valid = item_ids != features.PAD_ID
+  x = item_emb(item_ids) * jnp.sqrt(float(item_emb.features))
+  x = x + pos_emb(item_ids.shape[-1])[None]
+  x = dropout(x, deterministic=deterministic)
+  return x * valid[..., None], valid

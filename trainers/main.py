@@ -1,0 +1,49 @@
+"""``recml train``: train and evaluate one model on a sequence dataset.
+
+Example::
+
+    recml train --data /tmp/ml1m --model hstu --workdir runs/hstu --epochs 40
+    recml train --data /tmp/ml1m --model sasrec --workdir runs/s --set num_negatives=256
+
+Re-running the same command resumes from ``--workdir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def register(subparsers) -> None:
+  from trainers.models import MODELS  # light: no JAX import at module level in models? (see below)
+  p = subparsers.add_parser(
+      "train", help="train and evaluate a model on a sequence dataset",
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--data", required=True, help="dataset directory written by `recml preprocess`")
+  p.add_argument("--model", default="sasrec", choices=MODELS)
+  p.add_argument("--workdir", required=True, help="checkpoints, logs and metrics.json go here")
+  p.add_argument("--epochs", type=int, help="number of epochs (default: the preset's)")
+  p.add_argument("--smoke", action="store_true", help="tiny model and 2 epochs (for checks)")
+  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config field, e.g. --set batch_size=256 --set num_blocks=4")
+  p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  from trainers import configs, train  # pylint: disable=g-import-not-at-top
+  try:
+    config = configs.get_config(args.model, smoke=args.smoke, data_dir=args.data)
+    if args.epochs is not None:
+      config = config.replace(epochs=args.epochs)
+    config = configs.apply_overrides(config, args.overrides)
+  except ValueError as e:
+    print(f"recml train: {e}", file=sys.stderr)
+    return 2
+  summary = train.train_and_evaluate(config, args.workdir)
+  print(json.dumps({k: summary[k] for k in ("model", "dataset", "selected_epoch", "valid",
+                                            "test", "seconds_per_epoch")}, indent=2))
+  print(f"metrics: {args.workdir}/metrics.json")
+  return 0

@@ -1,0 +1,47 @@
+"""Model registry: a name maps to a module class and its config (with preset overrides)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from trainers.models.hstu import HSTU, HSTUConfig
+from trainers.models.sasrec import SASRec, SASRecConfig
+
+# name -> (module class, config class, preset overrides of the config's defaults)
+_REGISTRY: dict[str, tuple[Callable, type, dict[str, Any]]] = {
+    "sasrec": (SASRec, SASRecConfig, {}),
+    "hstu": (HSTU, HSTUConfig, {}),
+    "hstu-large": (HSTU, HSTUConfig, dict(num_blocks=8, num_heads=2,
+                                          attention_dim=25, linear_dim=25)),
+}
+MODELS = tuple(_REGISTRY)
+
+
+def _entry(name: str):
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+  return _REGISTRY[name]
+
+
+def model_config(name: str, **overrides: Any):
+  """The named model's frozen config, preset values applied, then ``overrides``."""
+  _, config_cls, preset = _entry(name)
+  return config_cls(**{**preset, **overrides})
+
+
+def config_from_dict(name: str, values: dict[str, Any]):
+  _, config_cls, _ = _entry(name)
+  known = {f.name for f in dataclasses.fields(config_cls)}
+  unknown = set(values) - known
+  if unknown:
+    raise ValueError(f"{name} config has no field(s) {sorted(unknown)}; known: {sorted(known)}")
+  return config_cls(**values)
+
+
+def build(name: str, config) -> Any:
+  """Instantiates the Flax module for ``config``."""
+  module_cls, config_cls, _ = _entry(name)
+  if not isinstance(config, config_cls):
+    raise TypeError(f"{name} expects {config_cls.__name__}, got {type(config).__name__}")
+  return module_cls(config)

@@ -1,0 +1,138 @@
+"""HSTU (Zhai et al., ICML 2024, arXiv 2402.17152): Hierarchical Sequential Transduction Units.
+
+Per block, with ``X`` the ``[B, L, D]`` input::
+
+    U, V, Q, K = split(SiLU(LayerNorm(X) @ W_uvqk))
+    A          = SiLU(Q K^T + rab) / L      (causal, no softmax)
+    Y          = X + W_o(Dropout(U * LayerNorm(A V)))
+
+``rab`` is a relative attention bias from the position offset ``j - i`` and from
+log-bucketed time gaps ``query_time_i - time_j``, where ``query_time_i`` is the
+time at which position ``i``'s prediction is made (the next event's timestamp
+in training, the target's at evaluation, the request time when serving). No
+feed-forward network. Layer norms inside the block have no learned scale, as in
+the paper's code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from trainers import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class HSTUConfig:
+  vocab_size: int = 0          # item rows incl. PAD and OOV; set from dataset_info
+  max_len: int = 200
+  embedding_dim: int = 50
+  num_blocks: int = 2
+  num_heads: int = 1
+  attention_dim: int = 50      # d_qk per head
+  linear_dim: int = 50         # d_v per head
+  dropout: float = 0.2         # input and pre-W_o dropout
+  attention_dropout: float = 0.0
+  num_time_buckets: int = 128
+  time_bucket_divisor: float = 0.301   # bucket = floor(ln(max(|dt|, 1)) / divisor)
+  position_bias: bool = True
+  time_bias: bool = True
+  l2_normalize: bool = True
+
+
+def time_buckets(dt: jax.Array, num_buckets: int, divisor: float) -> jax.Array:
+  """Log-bucketed absolute time gaps (seconds) in ``[0, num_buckets]``."""
+  dt = jnp.maximum(jnp.abs(dt).astype(jnp.float32), 1.0)
+  return jnp.clip(jnp.floor(jnp.log(dt) / divisor), 0, num_buckets).astype(jnp.int32)
+
+
+class RelativeBias(nn.Module):
+  """``rab[b, i, j]``: learned bias from ``j - i`` and the bucketed time gap."""
+
+  config: HSTUConfig
+
+  @nn.compact
+  def __call__(self, timestamps: jax.Array | None, query_timestamps: jax.Array | None,
+               length: int) -> jax.Array:
+    c = self.config
+    bias = jnp.zeros((1, length, length), jnp.float32)
+    if c.position_bias:
+      pos_w = self.param(
+          "position_weights",
+          nn.with_logical_partitioning(layers.truncated_normal(0.02), (layers.POSITION,)),
+          (2 * c.max_len - 1,), jnp.float32)
+      offsets = jnp.arange(length)[None, :] - jnp.arange(length)[:, None]  # j - i
+      bias = bias + pos_w[offsets + c.max_len - 1][None]
+    if c.time_bias and timestamps is not None:
+      ts_w = self.param(
+          "time_weights",
+          nn.with_logical_partitioning(layers.truncated_normal(0.02), (layers.BUCKETS,)),
+          (c.num_time_buckets + 1,), jnp.float32)
+      if query_timestamps is None:
+        query_timestamps = timestamps
+      dt = query_timestamps[:, :, None] - timestamps[:, None, :]
+      bias = bias + ts_w[time_buckets(dt, c.num_time_buckets, c.time_bucket_divisor)]
+    return bias
+
+
+class HSTUBlock(nn.Module):
+  config: HSTUConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array, rab: jax.Array,
+               deterministic: bool) -> jax.Array:
+    c = self.config
+    b, length, _ = x.shape
+    h, dqk, dv = c.num_heads, c.attention_dim, c.linear_dim
+    normed = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False)(x)
+    uvqk = layers.dense(2 * h * dv + 2 * h * dqk, (layers.EMBED, layers.MLP),
+                        use_bias=False, kernel_init=layers.truncated_normal(0.02),
+                        name="uvqk")(normed)
+    uvqk = nn.silu(uvqk)
+    u, v, q, k = jnp.split(uvqk, [h * dv, 2 * h * dv, 2 * h * dv + h * dqk], axis=-1)
+    q = q.reshape(b, length, h, dqk)
+    k = k.reshape(b, length, h, dqk)
+    v = v.reshape(b, length, h, dv)
+    scores = jnp.einsum("bihd,bjhd->bhij", q, k) + rab[:, None]
+    attn = nn.silu(scores) / length * mask
+    attn = nn.Dropout(c.attention_dropout)(attn, deterministic=deterministic)
+    out = jnp.einsum("bhij,bjhd->bihd", attn, v).reshape(b, length, h * dv)
+    out = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False)(out)
+    out = nn.Dropout(c.dropout)(u * out, deterministic=deterministic)
+    return x + layers.dense(c.embedding_dim, (layers.MLP, layers.EMBED), name="out")(out)
+
+
+class HSTU(nn.Module):
+  """Maps item histories ``[B, L]`` (and their times) to user representations ``[B, L, D]``."""
+
+  config: HSTUConfig
+
+  def setup(self):
+    c = self.config
+    self.item_embedding = layers.ItemEmbedding(
+        c.vocab_size, c.embedding_dim, normalize=c.l2_normalize)
+    self.position_embedding = layers.PositionEmbedding(c.max_len, c.embedding_dim)
+    self.input_dropout = nn.Dropout(c.dropout)
+    self.relative_bias = RelativeBias(c)
+    self.blocks = [HSTUBlock(c) for _ in range(c.num_blocks)]
+
+  def __call__(self, item_ids: jax.Array, timestamps: jax.Array | None = None,
+               query_timestamps: jax.Array | None = None, *,
+               deterministic: bool = True) -> jax.Array:
+    c = self.config
+    x, valid = layers.embed_sequence(self.item_embedding, self.position_embedding,
+                                     self.input_dropout, item_ids, deterministic)
+    mask = layers.causal_mask(valid).astype(x.dtype)
+    rab = self.relative_bias(timestamps, query_timestamps, item_ids.shape[-1])
+    for block in self.blocks:
+      x = block(x, mask, rab, deterministic) * valid[..., None]
+    return layers.l2_normalize(x) if c.l2_normalize else x
+
+  def candidates(self, ids: jax.Array) -> jax.Array:
+    return self.item_embedding.candidates(ids)
+
+  def all_candidates(self) -> jax.Array:
+    return self.item_embedding.all_candidates()

@@ -1,0 +1,87 @@
+"""SASRec (Kang & McAuley, ICDM 2018): causal self-attention over the item history.
+
+Pre-LayerNorm blocks of multi-head causal self-attention and a position-wise
+feed-forward network, learned absolute positions, dropout. The output at
+position ``t`` is the user representation after seeing items ``<= t``; with
+``l2_normalize`` it is unit-length, as are the item candidates (the HSTU paper's
+SASRec baseline with sampled softmax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from trainers import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class SASRecConfig:
+  vocab_size: int = 0          # item rows incl. PAD and OOV; set from dataset_info
+  max_len: int = 200
+  embedding_dim: int = 50
+  num_blocks: int = 2
+  num_heads: int = 1
+  ffn_dim: int = 50
+  dropout: float = 0.2
+  l2_normalize: bool = True
+
+
+class _Block(nn.Module):
+  config: SASRecConfig
+
+  @nn.compact
+  def __call__(self, x, mask, deterministic: bool):
+    c = self.config
+    h = nn.LayerNorm(epsilon=1e-8)(x)
+    h = nn.MultiHeadDotProductAttention(
+        num_heads=c.num_heads, qkv_features=c.embedding_dim,
+        dropout_rate=c.dropout, deterministic=deterministic,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.xavier_uniform(), (layers.EMBED, layers.HEADS, layers.KV)),
+        out_kernel_init=nn.with_logical_partitioning(
+            nn.initializers.xavier_uniform(), (layers.HEADS, layers.KV, layers.EMBED)),
+    )(h, h, mask=mask)
+    x = x + nn.Dropout(c.dropout)(h, deterministic=deterministic)
+    h = nn.LayerNorm(epsilon=1e-8)(x)
+    h = layers.dense(c.ffn_dim, (layers.EMBED, layers.MLP))(h)
+    h = nn.Dropout(c.dropout)(nn.relu(h), deterministic=deterministic)
+    h = layers.dense(c.embedding_dim, (layers.MLP, layers.EMBED))(h)
+    return x + nn.Dropout(c.dropout)(h, deterministic=deterministic)
+
+
+class SASRec(nn.Module):
+  """Maps item histories ``[B, L]`` to user representations ``[B, L, D]``."""
+
+  config: SASRecConfig
+
+  def setup(self):
+    c = self.config
+    self.item_embedding = layers.ItemEmbedding(
+        c.vocab_size, c.embedding_dim, normalize=c.l2_normalize)
+    self.position_embedding = layers.PositionEmbedding(c.max_len, c.embedding_dim)
+    self.input_dropout = nn.Dropout(c.dropout)
+    self.blocks = [_Block(c) for _ in range(c.num_blocks)]
+    self.final_norm = nn.LayerNorm(epsilon=1e-8)
+
+  def __call__(self, item_ids: jax.Array, timestamps: jax.Array | None = None,
+               query_timestamps: jax.Array | None = None, *,
+               deterministic: bool = True) -> jax.Array:
+    del timestamps, query_timestamps  # SASRec ignores time
+    c = self.config
+    x, valid = layers.embed_sequence(self.item_embedding, self.position_embedding,
+                                     self.input_dropout, item_ids, deterministic)
+    mask = layers.causal_mask(valid)
+    for block in self.blocks:
+      x = block(x, mask, deterministic) * valid[..., None]
+    x = self.final_norm(x)
+    return layers.l2_normalize(x) if c.l2_normalize else x
+
+  def candidates(self, ids: jax.Array) -> jax.Array:
+    return self.item_embedding.candidates(ids)
+
+  def all_candidates(self) -> jax.Array:
+    return self.item_embedding.all_candidates()

@@ -1,0 +1,296 @@
+"""The train loop: ``train_and_evaluate(config, workdir)``.
+
+Reads top to bottom: setup, mesh, input, model + optimizer, sharding, step
+functions, checkpoint restore, eval setup, loop, summary. A run resumes from
+its work directory by itself: re-running the same command after a crash
+continues from the last completed epoch and ends with the same parameters as
+an uninterrupted run (data order and randomness are functions of seed, epoch
+and step only).
+
+Outputs in ``workdir``: ``config.json``, ``log.jsonl`` (one JSON object per
+epoch), ``metrics.json`` (the selected epoch's valid/test metrics, best test per
+metric, timing), ``checkpoints/{latest,best}``, ``tb/`` (TensorBoard).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tensorboardX
+import tqdm
+
+from trainers import configs, features, losses, models, sharding
+from trainers.checkpoints import Checkpoints, abstract_tree, save_config
+from trainers.evaluate import dataset_name, make_eval_step, run_eval
+from trainers.input_pipeline import SequenceData
+
+log = logging.getLogger("recml.train")
+LOG_FILE = "log.jsonl"
+METRICS_FILE = "metrics.json"
+
+
+def make_optimizer(config: configs.TrainConfig) -> optax.GradientTransformation:
+  adamw = optax.adamw(config.learning_rate, b1=config.beta1, b2=config.beta2,
+                      weight_decay=config.weight_decay)
+  if config.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+  return adamw
+
+
+def make_train_step(model, tx, config: configs.TrainConfig, base_rng: jax.Array):
+  """``(state, batch) -> (state, loss)``; randomness is folded from the step number."""
+  vocab_size = config.model_config.vocab_size
+
+  def loss_fn(params, batch, rng):
+    dropout_rng, negatives_rng = jax.random.split(rng)
+
+    def fwd(m, b):
+      user = m(b["inputs"], b["timestamps"], b["query_timestamps"], deterministic=False)
+      return user, m.all_candidates()
+
+    user, table = model.apply({"params": params}, batch, method=fwd,
+                              rngs={"dropout": dropout_rng})
+    if config.loss == "softmax":
+      return losses.softmax_loss(user, batch["targets"], batch["weights"], table,
+                                 config.temperature)
+    negatives = losses.sample_negatives(negatives_rng, batch["targets"].shape,
+                                        config.num_negatives, vocab_size,
+                                        config.negative_sharing)
+    return losses.sampled_softmax_loss(user, batch["targets"], batch["weights"], table,
+                                       negatives, config.temperature)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(base_rng, state["step"])
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, rng)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, loss
+
+  return train_step
+
+
+def _better(value: float, best: float | None) -> bool:
+  return best is None or value > best
+
+
+def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, Any]:
+  """Trains ``config`` on ``config.data_dir``, evaluating and checkpointing in ``workdir``.
+
+  Returns:
+    The content of ``workdir/metrics.json``.
+  """
+  # ----------------------------------------------------------------- setup
+  if not config.data_dir:
+    raise ValueError("config.data_dir is empty: pass the dataset directory (--data)")
+  info = features.load_dataset_info(config.data_dir)
+  model_config = dataclasses.replace(config.model_config, vocab_size=info.item_vocab_size)
+  config = config.replace(model_config=model_config)
+  os.makedirs(workdir, exist_ok=True)
+  save_config(workdir, config.to_json())
+  max_len = model_config.max_len
+  if max_len > info.max_len:
+    log.warning("model max_len %d exceeds the dataset's %d: sequences are at most %d long",
+                max_len, info.max_len, info.max_len)
+
+  # ----------------------------------------------------------------- mesh
+  mesh = sharding.make_mesh()
+  n_dev = mesh.devices.size
+  if config.batch_size % n_dev or config.eval_batch_size % n_dev:
+    raise ValueError(f"batch sizes ({config.batch_size}, {config.eval_batch_size}) must be "
+                     f"divisible by the {n_dev} devices")
+
+  # ----------------------------------------------------------------- input
+  train_data = SequenceData(config.data_dir, features.TRAIN, config.batch_size, max_len,
+                            config.shuffle_buffer)
+  eval_data = {split: SequenceData(config.data_dir, split, config.eval_batch_size, max_len)
+               for split in (features.VALID, features.TEST)}
+  num_train = info.num_examples[features.TRAIN]
+  steps_per_epoch = math.ceil(num_train / config.batch_size)
+  if config.max_steps_per_epoch:
+    steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+
+  # ----------------------------------------------------------------- model + optimizer
+  model = models.build(config.model, model_config)
+  tx = make_optimizer(config)
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  dummy = jnp.zeros((1, max_len), jnp.int32)
+
+  def init_state():
+    variables = model.init(init_rng, dummy, dummy, dummy)
+    params = nn.meta.unbox(variables["params"])
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": tx.init(params)}
+
+  # ----------------------------------------------------------------- sharding
+  boxed = jax.eval_shape(lambda: model.init(init_rng, dummy, dummy, dummy))
+  param_shardings = sharding.param_shardings(mesh, boxed)["params"]
+  abstract_state = jax.eval_shape(init_state)
+  state_shardings = {
+      "step": sharding.replicated(mesh),
+      "params": param_shardings,
+      "opt_state": jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state["opt_state"]),
+  }
+  batch_sharding = sharding.batch_sharding(mesh)
+  state = jax.jit(init_state, out_shardings=state_shardings)()
+  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state["params"]))
+
+  # ----------------------------------------------------------------- step functions
+  train_step = jax.jit(make_train_step(model, tx, config, train_rng),
+                       in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, sharding.replicated(mesh)),
+                       donate_argnums=(0,))
+  eval_step = make_eval_step(model, config)
+
+  # ----------------------------------------------------------------- checkpoint restore
+  ckpt = Checkpoints(workdir)
+  meta: dict[str, Any] = {"epoch": 0, "history": [], "best": None, "stale_evals": 0,
+                          "stopped": False}
+  restored = ckpt.restore_latest(abstract_tree(state))
+  if restored is not None:
+    state, meta = restored
+    log.info("resumed from epoch %d (step %d)", meta["epoch"], int(state["step"]))
+  # The log is rewritten from the checkpoint, dropping epochs that were logged but not saved.
+  with open(os.path.join(workdir, LOG_FILE), "w") as f:
+    f.writelines(json.dumps(e) + "\n" for e in meta["history"])
+
+  # ----------------------------------------------------------------- eval setup
+  tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
+  metric_name = config.selection_metric
+
+  def evaluate_all(params) -> dict[str, dict[str, float]]:
+    return {split: run_eval(eval_step, params, data) for split, data in eval_data.items()}
+
+  # ----------------------------------------------------------------- loop
+  show_bar = sys.stderr.isatty()
+  epoch = meta["epoch"]
+  while epoch < config.epochs and not meta["stopped"]:
+    epoch += 1
+    t0 = time.perf_counter()
+    losses_sum, loss_count, sequences = 0.0, 0, 0
+    bar = tqdm.tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}",
+                    disable=not show_bar, leave=False, unit="step")
+    pending = None
+    for batch in train_data.batches(epoch, config.seed, config.max_steps_per_epoch):
+      sequences += int(np.count_nonzero(batch["weights"].any(axis=1)))
+      state, loss = train_step(state, batch)
+      if pending is not None:  # read the previous loss: keeps the device a step ahead
+        losses_sum += float(pending)
+        loss_count += 1
+      pending = loss
+      bar.update(1)
+      if show_bar and loss_count:
+        bar.set_postfix(loss=f"{losses_sum / loss_count:.4f}",
+                        seq_s=f"{sequences / (time.perf_counter() - t0):.0f}")
+    losses_sum += float(pending)
+    loss_count += 1
+    bar.close()
+    if not math.isfinite(losses_sum):
+      raise FloatingPointError(
+          f"training diverged in epoch {epoch} (loss is {losses_sum / loss_count}); "
+          f"lower learning_rate (now {config.learning_rate}) or set grad_clip_norm")
+    train_seconds = time.perf_counter() - t0
+    entry: dict[str, Any] = {
+        "epoch": epoch, "step": int(state["step"]),
+        "train_loss": losses_sum / loss_count,
+        "epoch_seconds": train_seconds,
+        "sequences_per_second": sequences / train_seconds,
+    }
+    if epoch % config.eval_every == 0 or epoch == config.epochs:
+      t1 = time.perf_counter()
+      results = evaluate_all(state["params"])
+      entry.update(results, eval_seconds=time.perf_counter() - t1)
+      value = results[features.VALID][metric_name]
+      if _better(value, (meta["best"] or {}).get("value")):
+        meta["best"] = {"epoch": epoch, "value": value, **results}
+        meta["stale_evals"] = 0
+        ckpt.save_best(epoch, state["params"], {"epoch": epoch, **results})
+      else:
+        meta["stale_evals"] += 1
+        if config.patience and meta["stale_evals"] >= config.patience:
+          meta["stopped"] = True
+    meta["history"].append(entry)
+    meta["epoch"] = epoch
+    _log_epoch(entry, metric_name, tb, workdir)
+    ckpt.save_latest(epoch, state, meta)
+  ckpt.wait()
+  ckpt.close()
+  tb.close()
+
+  # ----------------------------------------------------------------- summary
+  summary = _summary(config, meta, info, num_params, steps_per_epoch)
+  summary["dataset"] = dataset_name(config.data_dir)
+  with open(os.path.join(workdir, METRICS_FILE), "w") as f:
+    json.dump(summary, f, indent=2, sort_keys=True)
+    f.write("\n")
+  return summary
+
+
+def _log_epoch(entry: dict[str, Any], metric_name: str, tb, workdir: str) -> None:
+  with open(os.path.join(workdir, LOG_FILE), "a") as f:
+    f.write(json.dumps(entry) + "\n")
+  text = (f"epoch {entry['epoch']:3d}  loss {entry['train_loss']:.4f}  "
+          f"{entry['epoch_seconds']:.1f}s  {entry['sequences_per_second']:.0f} seq/s")
+  if features.VALID in entry:
+    text += (f"  valid {metric_name} {entry[features.VALID][metric_name]:.4f}"
+             f"  test {metric_name} {entry[features.TEST][metric_name]:.4f}")
+  print(text, flush=True)
+  step = entry["step"]
+  tb.add_scalar("train/loss", entry["train_loss"], step)
+  tb.add_scalar("train/sequences_per_second", entry["sequences_per_second"], step)
+  for split in (features.VALID, features.TEST):
+    for name, value in entry.get(split, {}).items():
+      tb.add_scalar(f"{split}/{name}", value, step)
+  tb.flush()
+
+
+def _summary(config, meta, info, num_params: int, steps_per_epoch: int) -> dict[str, Any]:
+  history = meta["history"]
+  best = meta["best"]
+  if best is None:
+    raise RuntimeError("training ended without an evaluation")
+  evaluated = [e for e in history if features.TEST in e]
+  best_test, best_test_epoch = {}, {}
+  for name in best[features.TEST]:
+    top = max(evaluated, key=lambda e: e[features.TEST][name])
+    best_test[name] = top[features.TEST][name]
+    best_test_epoch[name] = top["epoch"]
+  # The first epoch includes compilation; the median over epochs is the steady state.
+  epoch_seconds = [e["epoch_seconds"] for e in history]
+  seq_rates = [e["sequences_per_second"] for e in history]
+  return {
+      "model": config.model,
+      "selected_epoch": best["epoch"],
+      "selection_metric": f"valid {config.selection_metric}",
+      features.VALID: best[features.VALID],
+      features.TEST: best[features.TEST],
+      "best_test": best_test,
+      "best_test_epoch": best_test_epoch,
+      "best_test_note": "best test value per metric over evaluated epochs "
+                        "(chosen on test: for comparison with papers only)",
+      "epochs_run": meta["epoch"],
+      "early_stopped": bool(meta["stopped"]),
+      "steps": history[-1]["step"],
+      "steps_per_epoch": steps_per_epoch,
+      "seconds_per_epoch": statistics.median(epoch_seconds),
+      "first_epoch_seconds": epoch_seconds[0],
+      "sequences_per_second": statistics.median(seq_rates),
+      "eval_seconds": statistics.median([e["eval_seconds"] for e in evaluated]),
+      "num_params": num_params,
+      "num_items": info.num_items,
+      "num_users": info.num_users,
+      "device": jax.devices()[0].device_kind,
+      "num_devices": jax.device_count(),
+  }
