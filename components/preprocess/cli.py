@@ -1,0 +1,101 @@
+"""``recml preprocess``: raw events -> the sequence dataset.
+
+Registered by ``pipelines/cli.py``; Beam, TensorFlow and tf.transform are
+imported only when the command runs, so ``recml --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from components.preprocess.sources import FORMATS
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+  """Adds the ``preprocess`` sub-command."""
+  p = subparsers.add_parser(
+      "preprocess",
+      help="turn raw event logs into the sequence dataset (Beam + tf.transform)",
+      description=(
+          "Reads raw events (MovieLens files/folders/zips, CSV/TSV, Parquet, "
+          "SASRec-style 'user item' pairs, S3Rec-style 'user item item ...' sequences, "
+          "or a BigQuery table/query), learns the vocabularies with tf.transform and "
+          "writes TFRecord shards per split, transform_fn/, vocab/items.txt, "
+          "quarantine/ and dataset_info.json to --output."))
+  p.add_argument("--input", required=True,
+                 help="a file, a glob, a MovieLens folder or ml-*.zip, or for BigQuery "
+                 "bq://project.dataset.table or a SELECT query")
+  p.add_argument("--output", required=True, help="dataset directory (local or gs://)")
+  p.add_argument("--format", choices=FORMATS, default=None,
+                 help="input format; detected from file names when omitted")
+  p.add_argument("--max-len", type=int, default=200, help="history length (default 200)")
+  p.add_argument("--min-item-count", type=int, default=1,
+                 help="items seen fewer times map to the OOV id (default 1: keep all)")
+  p.add_argument("--bad-rows-threshold", type=float, default=0.01,
+                 help="fail when the fraction of malformed rows exceeds this (default 0.01)")
+  cols = p.add_argument_group("column mapping (csv, parquet, bigquery)")
+  for column in ("user", "item", "timestamp", "category", "behavior"):
+    cols.add_argument(f"--{column}-col", default=None, metavar="NAME|INDEX",
+                      help=f"the {column} column: a header name, or a 0-based index for "
+                      "files without a header" + (
+                          " (also learns a vocabulary of it)"
+                          if column in ("category", "behavior") else ""))
+  cols.add_argument("--delimiter", default=None,
+                    help="csv field separator (default: from the extension / first line)")
+  header = cols.add_mutually_exclusive_group()
+  header.add_argument("--header", dest="header", action="store_true", default=None,
+                      help="the csv files have a header line")
+  header.add_argument("--no-header", dest="header", action="store_false",
+                      help="the csv files have no header line")
+  p.add_argument("--user-encoding", choices=("vocabulary", "hash"), default="vocabulary")
+  p.add_argument("--user-hash-buckets", type=int, default=1 << 20)
+  p.add_argument("--num-shards", type=int, default=None,
+                 help="TFRecord shards per split (default: from the input size)")
+  run_opts = p.add_argument_group("runner")
+  run_opts.add_argument("--runner", default="DirectRunner",
+                        help="DirectRunner (default) or DataflowRunner")
+  run_opts.add_argument("--project", default=None)
+  run_opts.add_argument("--region", default=None)
+  run_opts.add_argument("--temp-location", default=None, help="gs:// temp for Dataflow")
+  run_opts.add_argument("--machine-type", default=None, help="Dataflow worker machine type")
+  run_opts.add_argument("--sdk-container-image", default=None,
+                        help="worker image (the preprocess image of this project)")
+  run_opts.add_argument("--bigquery-method", choices=("DIRECT_READ", "EXPORT"),
+                        default="DIRECT_READ")
+  run_opts.add_argument("--pipeline-arg", action="append", default=[], dest="pipeline_args",
+                        metavar="FLAG", help="extra Beam flag, repeatable")
+  p.add_argument("--json", action="store_true", help="print the result as JSON")
+  p.set_defaults(func=main)
+  return p
+
+
+def main(args: argparse.Namespace) -> int:
+  """Runs the step; returns the exit code (2: bad input)."""
+  from components.preprocess import sources, step  # pylint: disable=g-import-not-at-top
+  columns = sources.ColumnMapping(
+      user=args.user_col, item=args.item_col, timestamp=args.timestamp_col,
+      category=args.category_col, behavior=args.behavior_col)
+  delimiter = args.delimiter
+  if delimiter in ("\\t", "tab"):
+    delimiter = "\t"
+  try:
+    result = step.run(
+        args.input, args.output, format=args.format, max_len=args.max_len,
+        min_item_count=args.min_item_count, bad_rows_threshold=args.bad_rows_threshold,
+        columns=columns, delimiter=delimiter, header=args.header,
+        user_encoding=args.user_encoding, user_hash_buckets=args.user_hash_buckets,
+        num_shards=args.num_shards, runner=args.runner, project=args.project,
+        region=args.region, temp_location=args.temp_location,
+        machine_type=args.machine_type, sdk_container_image=args.sdk_container_image,
+        bigquery_method=args.bigquery_method, pipeline_args=args.pipeline_args)
+  except (sources.InputError, step.BadInputError) as e:
+    print(f"recml preprocess: error: {e}", file=sys.stderr)
+    return 2
+  if args.json:
+    print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+  else:
+    print(result.markdown)
+    print(f"wrote {result.output_dir} in {result.seconds:.1f} s")
+  return 0

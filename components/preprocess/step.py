@@ -1,0 +1,334 @@
+"""The preprocessing step as a plain function: :func:`run`.
+
+``run`` checks the input up front (missing, empty, unknown format fail at once),
+runs the Beam pipeline of :mod:`components.preprocess.pipeline`, then applies
+the bad-row threshold and writes ``vocab/items.txt`` and ``dataset_info.json``
+(only when the input passes). Heavy imports happen inside, so importing this
+module (and the ``recml`` CLI) stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Sequence
+
+from components.preprocess import sources
+from trainers import features
+
+DEFAULT_MAX_LEN = 200
+DEFAULT_MIN_ITEM_COUNT = 1
+DEFAULT_BAD_ROWS_THRESHOLD = 0.01
+BYTES_PER_SHARD = 256 << 20      # input bytes per output shard (auto sharding)
+BIGQUERY_SHARDS = 16
+MAX_SHARDS = 1000
+FIRST_BAD_ROWS = 5               # shown in the threshold error
+TIE_RULE = "frequency descending, ties by raw id bytes descending (tf.transform)"
+
+# What a run writes into the output directory (removed first on a re-run).
+OUTPUTS = (*features.SPLITS, "quarantine", "transform_fn", "transformed_metadata",
+           "vocab", ".tmp", features.DATASET_INFO_FILE)
+
+
+class BadInputError(ValueError):
+  """Too many malformed rows (above the bad-rows threshold)."""
+
+
+@dataclasses.dataclass
+class PreprocessResult:
+  """What the step produced; the KFP wrapper copies it into its artifacts."""
+
+  output_dir: str
+  info: features.DatasetInfo
+  counts: dict[str, int]
+  markdown: str
+  seconds: float = 0.0
+
+  def metrics(self) -> dict[str, float]:
+    """Flat numbers for a KFP ``Metrics`` artifact."""
+    out = {k: float(v) for k, v in sorted(self.counts.items())}
+    out.update({f"examples_{s}": float(n) for s, n in self.info.num_examples.items()})
+    out["item_vocab_size"] = float(self.info.item_vocab_size)
+    out["num_users"] = float(self.info.num_users)
+    return out
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"output_dir": self.output_dir, "counts": dict(self.counts),
+            "num_examples": dict(self.info.num_examples),
+            "item_vocab_size": self.info.item_vocab_size,
+            "num_users": self.info.num_users, "markdown": self.markdown,
+            "seconds": self.seconds}
+
+
+def run(
+    input_path: str,
+    output_dir: str,
+    *,
+    format: str | None = None,  # pylint: disable=redefined-builtin
+    max_len: int = DEFAULT_MAX_LEN,
+    min_item_count: int = DEFAULT_MIN_ITEM_COUNT,
+    bad_rows_threshold: float = DEFAULT_BAD_ROWS_THRESHOLD,
+    columns: sources.ColumnMapping | dict[str, Any] | None = None,
+    delimiter: str | None = None,
+    header: bool | None = None,
+    user_encoding: str = "vocabulary",
+    user_hash_buckets: int = 1 << 20,
+    num_shards: int | None = None,
+    batch_rows: int = sources.DEFAULT_BATCH_ROWS,
+    runner: str = "DirectRunner",
+    project: str | None = None,
+    region: str | None = None,
+    temp_location: str | None = None,
+    machine_type: str | None = None,
+    sdk_container_image: str | None = None,
+    bigquery_method: str = "DIRECT_READ",
+    pipeline_args: Sequence[str] = (),
+) -> PreprocessResult:
+  """Turns raw events into the sequence dataset of ``trainers.features``.
+
+  Args:
+    input_path: a file, a glob, a MovieLens folder (as unpacked from the
+      official zip), an official ``ml-*.zip``, or for BigQuery a table
+      (``bq://project.dataset.table``) or a ``SELECT`` query.
+    output_dir: the dataset directory (local or ``gs://``); earlier outputs of
+      this step in it are replaced.
+    format: one of ``sources.FORMATS``; detected from file names when None.
+    max_len: history length kept per example (most recent events).
+    min_item_count: items seen fewer times map to the OOV id (counted).
+    bad_rows_threshold: fail when quarantined / read rows exceeds this.
+    columns: where user, item, timestamp (and optional category, behavior) are
+      (CSV/Parquet/BigQuery); see :class:`sources.ColumnMapping`. Category and
+      behavior, when given, also get a vocabulary each.
+    delimiter, header: CSV layout (detected when None).
+    user_encoding: ``"vocabulary"`` or ``"hash"`` (``user_hash_buckets``).
+    num_shards: TFRecord shards per split; default from the input size.
+    batch_rows: events per Arrow record batch.
+    runner, project, region, temp_location, machine_type, sdk_container_image:
+      Beam runner and Dataflow settings (see ``pipeline.pipeline_flags``).
+    bigquery_method: ``DIRECT_READ`` or ``EXPORT``.
+    pipeline_args: extra Beam flags.
+
+  Returns:
+    A :class:`PreprocessResult`.
+
+  Raises:
+    sources.InputError: missing or empty input, unknown format, bad mapping.
+    BadInputError: the bad-row fraction is above ``bad_rows_threshold``.
+  """
+  start = time.perf_counter()
+  if max_len < 1:
+    raise sources.InputError(f"--max-len must be >= 1, got {max_len}")
+  if min_item_count < 1:
+    raise sources.InputError(f"--min-item-count must be >= 1, got {min_item_count}")
+  if not 0.0 <= bad_rows_threshold <= 1.0:
+    raise sources.InputError(f"--bad-rows-threshold must be in [0, 1], got {bad_rows_threshold}")
+  if isinstance(columns, dict):
+    columns = sources.ColumnMapping(**columns)
+  columns = columns or sources.ColumnMapping()
+
+  # Input checks that fail at once.
+  bigquery = None
+  files: list[str] = []
+  if format == "bigquery" or (format is None and sources.is_bigquery_ref(input_path)):
+    fmt = "bigquery"
+    bigquery = sources.bigquery_read(input_path, method=bigquery_method, project=project)
+    shards = num_shards or BIGQUERY_SHARDS
+  else:
+    matched = sources.resolve_input(input_path)
+    if all(size == 0 for _, size in matched):
+      raise sources.InputError(
+          f"--input {input_path!r} is empty ({len(matched)} file(s), 0 bytes): "
+          "pass a file with events")
+    fmt = sources.resolve_format(matched, format)
+    files = [path for path, _ in matched]
+    total = sum(size for _, size in matched)
+    shards = num_shards or max(1, min(MAX_SHARDS, math.ceil(total / BYTES_PER_SHARD)))
+  spec = sources.SourceSpec(format=fmt, columns=columns, delimiter=delimiter, header=header)
+
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from components.preprocess import pipeline as beam_pipeline  # pylint: disable=g-import-not-at-top
+  from components.preprocess import preprocessing_fn as pfn  # pylint: disable=g-import-not-at-top
+
+  for name in OUTPUTS:
+    path = os.path.join(output_dir, name)
+    if tf.io.gfile.isdir(path):
+      tf.io.gfile.rmtree(path)
+    elif tf.io.gfile.exists(path):
+      tf.io.gfile.remove(path)
+  tf.io.gfile.makedirs(output_dir)
+  temp_dir = os.path.join(output_dir, ".tmp")
+
+  options = beam_pipeline.pipeline_options(
+      runner, project=project, region=region, temp_location=temp_location,
+      machine_type=machine_type, sdk_container_image=sdk_container_image,
+      extra_args=pipeline_args)
+  preprocessing_fn = pfn.make_preprocessing_fn(
+      min_item_count=min_item_count, user_encoding=user_encoding,
+      user_hash_buckets=user_hash_buckets, side_features=spec.side_columns)
+  with beam.Pipeline(options=options) as p:
+    beam_pipeline.build(
+        p, files=files, bigquery=bigquery, spec=spec, output_dir=output_dir,
+        temp_dir=temp_dir, preprocessing_fn=preprocessing_fn, max_len=max_len,
+        num_shards=shards, batch_rows=batch_rows)
+
+  import json  # pylint: disable=g-import-not-at-top
+  with tf.io.gfile.GFile(os.path.join(temp_dir, beam_pipeline.COUNTS_FILE)) as f:
+    counts = {k: int(v) for k, v in json.load(f).items()}
+  tf.io.gfile.rmtree(temp_dir)
+  num_examples = {s: counts.pop(f"examples_{s}", 0) for s in features.SPLITS}
+  for key in ("rows_read", "rows_quarantined", "blank_lines", "header_lines",
+              "events_parsed", "events_oov", "users", "users_too_few_events",
+              "events_dropped_short_users", "events_kept", "events_beyond_max_len",
+              "users_without_train"):
+    counts.setdefault(key, 0)
+  counts["rows_kept"] = counts["rows_read"] - counts["rows_quarantined"]
+  where = input_path if bigquery is not None else ", ".join(files[:3]) + (
+      f" (+{len(files) - 3} more)" if len(files) > 3 else "")
+
+  if counts["rows_read"] == 0:
+    raise sources.InputError(f"no rows in {where}: the input holds only blank or "
+                             "header lines; pass a file with events")
+  bad = counts["rows_quarantined"]
+  if bad / counts["rows_read"] > bad_rows_threshold:
+    raise BadInputError(_bad_rows_message(output_dir, shards, counts, bad_rows_threshold))
+  if counts["events_parsed"] == counts["events_oov"]:
+    raise sources.InputError(f"no item in {where} is seen --min-item-count="
+                             f"{min_item_count} times: lower --min-item-count")
+  if counts["users"] == 0:
+    raise sources.InputError(
+        f"no user in {where} has {features.MIN_EVENTS_PER_USER} or more events, so "
+        "no example can be made: check the user column mapping")
+
+  canonicalize_saved_model(os.path.join(output_dir, "transform_fn"))
+
+  # Vocabularies and dataset_info.json.
+  assets = os.path.join(output_dir, "transform_fn", "assets")
+  item_tokens = _read_vocab(os.path.join(assets, pfn.ITEM_VOCAB))
+  item_vocab = ["<pad>", "<oov>"] + item_tokens
+  tf.io.gfile.makedirs(os.path.join(output_dir, "vocab"))
+  with tf.io.gfile.GFile(os.path.join(output_dir, features.ITEM_VOCAB_FILE), "w") as f:
+    f.write("".join(f"{v}\n" for v in item_vocab))
+  vocab_files = {"item": features.ITEM_VOCAB_FILE}
+  extra_sizes = {}
+  if user_encoding == "vocabulary":
+    vocab_files["user"] = os.path.join("transform_fn", "assets", pfn.USER_VOCAB)
+    extra_sizes["user"] = len(_read_vocab(os.path.join(assets, pfn.USER_VOCAB)))
+  else:
+    extra_sizes["user"] = user_hash_buckets
+  for column in spec.side_columns:
+    name = pfn.vocab_name(column)
+    vocab_files[column] = os.path.join("transform_fn", "assets", name)
+    extra_sizes[column] = len(_read_vocab(os.path.join(assets, name)))
+
+  source = {"input": input_path, "format": fmt, "num_files": len(files)}
+  if 0 < len(files) <= 100:
+    source["files"] = files
+  params = {
+      "max_len": max_len, "min_item_count": min_item_count,
+      "bad_rows_threshold": bad_rows_threshold, "user_encoding": user_encoding,
+      "num_shards": shards, "columns": columns.to_dict(), "delimiter": delimiter,
+      "header": header, "side_features": list(spec.side_columns),
+      "min_events_per_user": features.MIN_EVENTS_PER_USER,
+      "timestamps": "input" if spec.has_timestamps else "none (0; input order)",
+      "event_order": "timestamp, then input order",
+      "vocabulary_order": TIE_RULE,
+  }
+  if user_encoding == "hash":
+    params["user_hash_buckets"] = user_hash_buckets
+  info = features.DatasetInfo(
+      item_vocab_size=len(item_vocab), num_users=counts["users"], max_len=max_len,
+      num_examples=num_examples, counts=dict(sorted(counts.items())), source=source,
+      params=params, vocab_files=vocab_files, extra_vocab_sizes=extra_sizes)
+  info.save(output_dir)
+  seconds = time.perf_counter() - start
+  return PreprocessResult(output_dir=output_dir, info=info, counts=info.counts,
+                          markdown=summary_markdown(info), seconds=seconds)
+
+
+def canonicalize_saved_model(export_dir: str) -> None:
+  """Rewrites a SavedModel's protos so that equal models are equal bytes.
+
+  TensorFlow serializes protobuf maps in hash order and stamps a random uuid in
+  ``fingerprint.pb``. This writes ``saved_model.pb`` with deterministic
+  serialization and recomputes the fingerprint with a uuid derived from its
+  content hashes. The model loads exactly as before.
+  """
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorflow.core.protobuf import fingerprint_pb2, saved_model_pb2  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting  # pylint: disable=g-import-not-at-top
+  path = os.path.join(export_dir, "saved_model.pb")
+  with tf.io.gfile.GFile(path, "rb") as f:
+    model = saved_model_pb2.SavedModel.FromString(f.read())
+  with tf.io.gfile.GFile(path, "wb") as f:
+    f.write(model.SerializeToString(deterministic=True))
+  fingerprint = fingerprint_pb2.FingerprintDef.FromString(
+      fingerprinting.CreateFingerprintDef(export_dir))
+  content = (f"{fingerprint.saved_model_checksum}:{fingerprint.graph_def_program_hash}:"
+             f"{fingerprint.signature_def_hash}:{fingerprint.saved_object_graph_hash}:"
+             f"{fingerprint.checkpoint_hash}")
+  fingerprint.uuid = str(int.from_bytes(hashlib.sha256(content.encode()).digest()[:16], "big"))
+  with tf.io.gfile.GFile(os.path.join(export_dir, "fingerprint.pb"), "wb") as f:
+    f.write(fingerprint.SerializeToString(deterministic=True))
+
+
+def _read_vocab(path: str) -> list[str]:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with tf.io.gfile.GFile(path, "rb") as f:
+    data = f.read().decode("utf-8")
+  lines = data.split("\n")
+  if lines and not lines[-1]:
+    lines.pop()
+  return lines
+
+
+def _bad_rows_message(output_dir: str, shards: int, counts: dict[str, int],
+                      threshold: float) -> str:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from components.preprocess import pipeline as beam_pipeline  # pylint: disable=g-import-not-at-top
+  rows = []
+  for shard in range(shards):
+    path = os.path.join(output_dir, beam_pipeline.quarantine_name(shard, shards))
+    if tf.io.gfile.exists(path):
+      rows += list(sources.iter_jsonl(path))
+  rows.sort(key=lambda r: (r["file"], r["line"] or 0))
+  files = sorted({r["file"] for r in rows})
+  first = "\n".join(
+      f"  {r['file']}:{r['line']}: {r['reason']}: {r['raw'][:120]!r}"
+      for r in rows[:FIRST_BAD_ROWS])
+  bad, read = counts["rows_quarantined"], counts["rows_read"]
+  return (
+      f"{bad} of {read} rows ({bad / read:.2%}) are malformed, above "
+      f"--bad-rows-threshold {threshold} (in {', '.join(files[:5])}). First bad rows:\n"
+      f"{first}\nAll rejected rows with reasons are in "
+      f"{os.path.join(output_dir, beam_pipeline.QUARANTINE_DIR)}/. Fix the input, check "
+      "--format and the column mapping, or raise --bad-rows-threshold.")
+
+
+def summary_markdown(info: features.DatasetInfo) -> str:
+  """A short Markdown summary for the KFP ``Markdown`` artifact and the CLI."""
+  c = info.counts
+  read = max(c.get("rows_read", 0), 1)
+  lines = [
+      "## Preprocessed sequence dataset",
+      "",
+      f"Source: `{info.source.get('input')}` ({info.source.get('format')}); "
+      f"max_len {info.max_len}, min item count {info.params.get('min_item_count')}.",
+      "",
+      "| | count |",
+      "|---|---:|",
+      f"| rows read | {c.get('rows_read', 0):,} |",
+      f"| rows kept | {c.get('rows_kept', 0):,} |",
+      f"| rows quarantined | {c.get('rows_quarantined', 0):,} "
+      f"({c.get('rows_quarantined', 0) / read:.2%}) |",
+      f"| events mapped to OOV | {c.get('events_oov', 0):,} |",
+      f"| users with examples | {info.num_users:,} |",
+      f"| users dropped (< {features.MIN_EVENTS_PER_USER} events) | "
+      f"{c.get('users_too_few_events', 0):,} |",
+      f"| items (vocabulary, excl. PAD/OOV) | {info.num_items:,} |",
+  ]
+  lines += [f"| {s} examples | {n:,} |" for s, n in info.num_examples.items()]
+  return "\n".join(lines) + "\n"
