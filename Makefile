@@ -2,8 +2,8 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 EXTRAS ?= preprocess,train,pipelines,serve,dev
-DATA   ?= ../shared/datasets/ml-1m-partial
-CONFIG ?= pipelines/configs/ml1m_sasrec.yaml
+DATA   ?=
+CONFIG ?= pipelines/configs/ml1m_hstu.yaml
 RECML  := $(VENV)/bin/recml
 
 .PHONY: help setup test test-unit test-integration test-container run compile build bench clean
@@ -22,8 +22,8 @@ test: setup  ## run every test tier this machine can run
 test-unit: setup  ## fast tests only
 	$(VENV)/bin/pytest -q -m "not integration and not container"
 
-run: setup  ## the main job: the full local pipeline (DATA=..., CONFIG=...)
-	$(RECML) run --config $(CONFIG) --data $(DATA)
+run: setup  ## the main job: the full local pipeline (DATA=local copy, else ML-1M is downloaded)
+	$(RECML) run --config $(CONFIG) $(if $(DATA),--data $(DATA),)
 
 compile: setup  ## compile the pipeline for Vertex AI to recml_pipeline.yaml
 	$(RECML) compile --config $(CONFIG) --target vertex --output recml_pipeline.yaml

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "pipelines.commands",          # run, compile, schedule, runs
     "components.preprocess.cli",   # preprocess
     "trainers.main",               # train
+    "pipelines.serve",             # export, serve, deploy
 )
 
 

@@ -1,7 +1,10 @@
 """The pipeline DAG, one definition for every target.
 
     preprocess ─► train ─► evaluate ─► write_metrics ─► validate ─► If(blessed): bless
-                                                                     └─ export ─► deploy (serving issue)
+                                                                     └─ export ─► deploy
+
+``deploy`` is the local registry step on the local/KFP targets and, on Vertex, the
+Model Registry upload + endpoint deployment of :func:`components.deploy.vertex_pipeline_ops`.
 
 ``build_pipeline(target, ...)`` returns a ``@dsl.pipeline`` function. What differs per
 target is only how steps are placed:
@@ -31,8 +34,10 @@ BLESSED = "blessed"  # the validate step's output when the gate passes
 
 # Steps whose outputs depend only on their inputs may be cached; steps with side effects
 # (metrics store writes, the gate that reads the store) never are.
-CACHEABLE_STEPS = ("preprocess", "train", "evaluate")
-UNCACHED_STEPS = ("write-metrics", "validate", "bless")
+CACHEABLE_STEPS = ("preprocess", "train", "evaluate", "export")
+UNCACHED_STEPS = ("write-metrics", "validate", "bless", "deploy")
+# The Vertex deployment tasks (Google Cloud Pipeline Components), never cached.
+VERTEX_DEPLOY_TASKS = ("importer", "model-upload", "endpoint-create", "model-deploy")
 
 
 def _with_image(component, image: str):
@@ -112,6 +117,8 @@ def build_pipeline(target: str = "local", *, env: Env | None = None,
   """
   # pylint: disable=g-import-not-at-top
   from components import bless as bless_step
+  from components import deploy as deploy_step
+  from components import export as export_step
   from components import evaluate as evaluate_step
   from components import train as train_step
   from components import validate as validate_step
@@ -134,6 +141,8 @@ def build_pipeline(target: str = "local", *, env: Env | None = None,
   write_metrics_op = _with_image(write_metrics_step.write_metrics, image("tools"))
   validate_op = _with_image(validate_step.validate, image("tools"))
   bless_op = _with_image(bless_step.bless, image("tools"))
+  export_op = _with_image(export_step.export, image("trainer"))
+  deploy_op = _with_image(deploy_step.deploy, image("tools"))
   if target == "vertex":
     train_op = vertex_training_step(train_op, vertex, env)
 
@@ -158,6 +167,7 @@ def build_pipeline(target: str = "local", *, env: Env | None = None,
       gate_k: int = 10,
       gate_split: str = "valid",
       gate_tolerance: float = 0.0,
+      serving_registry: str = "",
   ):
     # -- preprocess: raw events -> sequence dataset --------------------------------
     prep = preprocess_op(
@@ -206,8 +216,16 @@ def build_pipeline(target: str = "local", *, env: Env | None = None,
       blessing = bless_op(model=train.outputs["model"], verdict=gate.outputs["verdict"],
                           run_id=written.output)
       blessing.set_display_name("bless").set_caching_options(False)
-      # EXPORT AND DEPLOY GO HERE (serving issue): export(model=train.outputs["model"])
-      # -> serving bundle -> deploy (Vertex Model Registry + Endpoint, or `recml serve`).
+      # -- export: the serving bundle (jax.export StableHLO + weights + vocabulary) --
+      bundle = export_op(model=train.outputs["model"], dataset=prep.outputs["dataset"])
+      bundle.set_display_name("export").set_caching_options(enable_caching).after(blessing)
+      # -- deploy: Vertex Model Registry + endpoint, or the local registry -------------
+      if target == "vertex":
+        deploy_step.vertex_pipeline_ops(bundle.outputs["Output"], env, display_name=name)
+      else:
+        deployed = deploy_op(bundle=bundle.outputs["bundle"], registry=serving_registry,
+                             run_id=written.output)
+        deployed.set_display_name("deploy").set_caching_options(False)
 
   return recml_pipeline
 

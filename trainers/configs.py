@@ -22,7 +22,7 @@ from typing import Any, Iterable
 from trainers import models
 
 LOSSES = ("sampled_softmax", "softmax")
-NEGATIVE_SHARING = ("position", "sequence", "batch")
+NEGATIVE_SHARING = ("position", "group", "sequence", "batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +44,12 @@ class TrainConfig:
   loss: str = "sampled_softmax"
   num_negatives: int = 128
   temperature: float = 0.05
-  # fresh negatives per sequence (shared by its positions), per position (the HSTU
-  # code; ~3x slower on CPU: a [B, L, N, D] gather) or per batch
-  negative_sharing: str = "sequence"
+  # Which positions share a set of negatives: every position draws its own (`position`,
+  # the HSTU code: a [B, L, N, D] gather and a batched mat-vec, ~3x the step on CPU),
+  # groups of `negative_group` consecutive positions (`group`: batched matmuls),
+  # a whole sequence (`sequence`) or the batch (`batch`).
+  negative_sharing: str = "group"
+  negative_group: int = 8
   # evaluation, selection, early stopping
   eval_every: int = 1                 # epochs
   eval_batch_size: int = 256
@@ -56,6 +59,11 @@ class TrainConfig:
   patience: int = 10                  # evaluations without improvement before stopping; 0 = never
   # input
   shuffle_buffer: int = 100_000
+  # Train batches are truncated to the smallest of these fractions of max_len (and
+  # max_len itself) that holds their longest sequence, after sorting windows of
+  # `bucket_window` batches by length; () pads every batch to max_len.
+  length_bucket_fractions: tuple[float, ...] = (0.25, 0.5)
+  bucket_window: int = 8
   # bookkeeping
   seed: int = 42
   log_every_steps: int = 50
@@ -72,6 +80,7 @@ class TrainConfig:
         (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
         (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
         (self.num_negatives >= 1, f"num_negatives must be >= 1, got {self.num_negatives}"),
+        (self.negative_group >= 1, f"negative_group must be >= 1, got {self.negative_group}"),
         (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
         (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
     ]
@@ -94,6 +103,7 @@ class TrainConfig:
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     d["model_config"] = dataclasses.asdict(self.model_config)
     d["top_ks"] = list(self.top_ks)
+    d["length_bucket_fractions"] = list(self.length_bucket_fractions)
     return d
 
   def to_json(self) -> str:
@@ -103,8 +113,9 @@ class TrainConfig:
   def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
     d = dict(d)
     d["model_config"] = models.config_from_dict(d["model"], d.get("model_config") or {})
-    if "top_ks" in d:
-      d["top_ks"] = tuple(d["top_ks"])
+    for key in ("top_ks", "length_bucket_fractions"):
+      if key in d:
+        d[key] = tuple(d[key])
     return cls(**d)
 
 
@@ -120,8 +131,8 @@ def get_config(model: str = "sasrec", *, smoke: bool = False, **overrides: Any) 
     model_over = {"max_len": 20, "embedding_dim": 16, "num_blocks": 1, **model_over}
     if model == "hstu-large":
       model_over = {"num_heads": 2, "attention_dim": 8, "linear_dim": 8, **model_over}
-    train_over = {"epochs": 2, "batch_size": 32, "num_negatives": 16,
-                  "eval_batch_size": 64, "patience": 0, **train_over}
+    train_over = {"epochs": 2, "batch_size": 32, "num_negatives": 16, "eval_batch_size": 64,
+                  "patience": 0, "length_bucket_fractions": (), **train_over}
   return TrainConfig(model=model, model_config=models.model_config(model, **model_over),
                      **train_over)
 
@@ -157,7 +168,8 @@ def apply_overrides(config: TrainConfig, assignments: Iterable[str]) -> TrainCon
     elif key in train_fields:
       if key == "model":
         raise ValueError("choose the model with --model, not --set model=...")
-      train_changes[key] = tuple(value) if key == "top_ks" else value
+      tuples = ("top_ks", "length_bucket_fractions")
+      train_changes[key] = tuple(value) if key in tuples else value
     else:
       raise ValueError(f"unknown setting {key!r}; known: "
                        f"{', '.join(sorted(train_fields | model_fields))}")

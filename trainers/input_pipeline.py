@@ -13,6 +13,14 @@ eval: ``history``, ``timestamps``, ``query_timestamps`` (``[B, L]``),
 ``target``, ``weight`` (``[B]``).
 
 Timestamps become int32 (unix seconds fit until 2038); the model uses differences.
+
+Length buckets (train only): about half the positions of a MovieLens batch are
+padding. With ``length_buckets``, each window of ``bucket_window`` shuffled
+batches is sorted by length, cut into batches, and each batch is truncated to
+the smallest bucket that holds its longest sequence (dropping only padding:
+sequences are right-aligned). Batches are then visited in a shuffled order. The
+model sees a few fixed shapes (one compilation each) and does ~35% less work on
+ML-1M.
 """
 
 from __future__ import annotations
@@ -67,10 +75,14 @@ class SequenceData:
   """
 
   def __init__(self, data_dir: str, split: str, batch_size: int, max_len: int,
-               shuffle_buffer: int = 100_000, cache: bool = True):
+               shuffle_buffer: int = 100_000, cache: bool = True,
+               length_buckets: tuple[int, ...] = (), bucket_window: int = 8):
     tf = _tf()
     self.split, self.batch_size, self.max_len = split, batch_size, max_len
     self.shuffle_buffer = shuffle_buffer
+    buckets = sorted({int(b) for b in length_buckets if 0 < int(b) < max_len} | {max_len})
+    self.length_buckets = tuple(buckets) if split == features.TRAIN else (max_len,)
+    self.bucket_window = max(1, bucket_window)
     self.files = features.split_files(data_dir, split)
     compression = "GZIP" if features.is_compressed(self.files[0]) else ""
     ds = tf.data.TFRecordDataset(self.files, compression_type=compression,
@@ -91,7 +103,8 @@ class SequenceData:
         "targets": targets,
         "weights": tf.cast(targets >= features.FIRST_ITEM_ID, tf.float32),
     }
-    out = {k: _pad_rows(tf, v, b) for k, v in out.items()}
+    rows = b * (self.bucket_window if self.bucketed else 1)
+    out = {k: _pad_rows(tf, v, rows) for k, v in out.items()}
     return {k: tf.cast(v, tf.float32 if k == "weights" else tf.int32) for k, v in out.items()}
 
   def _parse_eval(self, serialized):
@@ -111,24 +124,51 @@ class SequenceData:
     out = {k: _pad_rows(tf, v, b) for k, v in out.items()}
     return {k: tf.cast(v, tf.float32 if k == "weight" else tf.int32) for k, v in out.items()}
 
+  @property
+  def bucketed(self) -> bool:
+    return len(self.length_buckets) > 1
+
   def dataset(self, epoch: int = 0, seed: int = 0):
-    """The ``tf.data.Dataset`` of one epoch (deterministic given ``seed``, ``epoch``)."""
+    """The ``tf.data.Dataset`` of one epoch (deterministic given ``seed``, ``epoch``).
+
+    With length buckets, its elements are windows of ``bucket_window`` batches.
+    """
     tf = _tf()
     ds = self._records
     is_train = self.split == features.TRAIN
     if is_train:
       ds = ds.shuffle(self.shuffle_buffer, seed=seed * 100_003 + epoch,
                       reshuffle_each_iteration=False)
-    ds = ds.batch(self.batch_size)
+    rows = self.batch_size * (self.bucket_window if self.bucketed else 1)
+    ds = ds.batch(rows)
     parse = self._parse_train if is_train else self._parse_eval
     ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
+  def _bucket(self, window: Batch, rng: np.random.Generator) -> list[Batch]:
+    """Sorts a window by length, cuts it into batches, truncates each to its bucket."""
+    lengths = (window["inputs"] != features.PAD_ID).sum(axis=1)
+    order = np.argsort(-lengths, kind="stable")
+    out = []
+    for lo in range(0, len(order), self.batch_size):
+      idx = order[lo:lo + self.batch_size]
+      longest = int(lengths[idx].max())
+      if longest == 0:
+        continue  # only padding rows (end of the epoch)
+      keep = next(b for b in self.length_buckets if b >= longest)
+      out.append({k: v[idx][:, -keep:] for k, v in window.items()})
+    rng.shuffle(out)
+    return out
+
   def batches(self, epoch: int = 0, seed: int = 0, max_steps: int = 0) -> Iterator[Batch]:
     """Numpy batches of one epoch; ``max_steps > 0`` stops early."""
-    for step, batch in enumerate(self.dataset(epoch, seed).as_numpy_iterator()):
-      if max_steps and step >= max_steps:
-        return
-      yield batch
+    rng = np.random.default_rng([seed, epoch])
+    step = 0
+    for element in self.dataset(epoch, seed).as_numpy_iterator():
+      for batch in (self._bucket(element, rng) if self.bucketed else [element]):
+        if max_steps and step >= max_steps:
+          return
+        step += 1
+        yield batch

@@ -23,18 +23,19 @@ def _weighted_mean(per_position: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 def sample_negatives(rng: jax.Array, shape_bl: tuple[int, int], num_negatives: int,
-                     vocab_size: int, sharing: str = "position",
+                     vocab_size: int, sharing: str = "group", group: int = 8,
                      low: int = features.FIRST_ITEM_ID) -> jax.Array:
-  """Uniform negative ids, broadcastable to ``[B, L, N]``.
+  """Uniform negative ids ``[b, g, N]``; positions share a set within a group.
 
-  ``sharing``: ``position`` draws fresh negatives for every position
-  (``[B, L, N]``), ``sequence`` one set per sequence (``[B, 1, N]``), ``batch``
-  one set for the whole batch (``[1, 1, N]``).
+  ``sharing``: ``position`` draws fresh negatives for every position (``g = L``,
+  the HSTU code), ``group`` one set per ``group`` consecutive positions
+  (``g = ceil(L / group)``), ``sequence`` one set per sequence (``g = 1``),
+  ``batch`` one set for the whole batch (``b = g = 1``).
   """
   b, l = shape_bl
-  shape = {"position": (b, l, num_negatives), "sequence": (b, 1, num_negatives),
-           "batch": (1, 1, num_negatives)}[sharing]
-  return jax.random.randint(rng, shape, low, vocab_size)
+  g = {"position": l, "group": -(-l // max(group, 1)), "sequence": 1, "batch": 1}[sharing]
+  return jax.random.randint(rng, (1 if sharing == "batch" else b, g, num_negatives), low,
+                            vocab_size)
 
 
 def sampled_softmax_loss(user: jax.Array, targets: jax.Array, weights: jax.Array,
@@ -44,17 +45,20 @@ def sampled_softmax_loss(user: jax.Array, targets: jax.Array, weights: jax.Array
 
   ``loss = mean_w[ logsumexp([s_pos, s_neg_1..N] / T) - s_pos / T ]`` where
   ``s`` is the dot product and negatives equal to the target are excluded.
+  Position ``l`` uses the negatives of group ``l * g // L`` (``g`` groups of
+  ``ceil(L / g)`` consecutive positions), so the logits are ``g`` batched matmuls.
   """
-  pos = jnp.sum(user * jnp.take(table, targets, axis=0), axis=-1)            # [B, L]
-  neg_emb = jnp.take(table, negatives, axis=0)                                # [b, l, N, D]
-  if negatives.shape[0] == 1 and negatives.shape[1] == 1:                     # batch-shared
-    neg = jnp.einsum("bld,nd->bln", user, neg_emb[0, 0])
-  elif negatives.shape[1] == 1:                                               # per sequence
-    neg = jnp.einsum("bld,bnd->bln", user, neg_emb[:, 0])
-  else:                                                                       # per position
-    neg = jnp.einsum("bld,blnd->bln", user, neg_emb)
-  neg = jnp.where(negatives == targets[..., None], _MASKED, neg / temperature)
-  pos = pos / temperature
+  b, l, d = user.shape
+  nb, g, n = negatives.shape
+  size = -(-l // g)
+  pad = g * size - l
+  pos = jnp.sum(user * jnp.take(table, targets, axis=0), axis=-1) / temperature   # [B, L]
+  grouped = jnp.pad(user, ((0, 0), (0, pad), (0, 0))).reshape(b, g, size, d)
+  neg_emb = jnp.take(table, negatives, axis=0)                                     # [nb, g, N, D]
+  neg = jnp.einsum("bgsd,bgnd->bgsn", grouped, jnp.broadcast_to(neg_emb, (b, g, n, d)))
+  neg = neg.reshape(b, g * size, n)[:, :l] / temperature                           # [B, L, N]
+  neg_ids = jnp.repeat(jnp.broadcast_to(negatives, (b, g, n)), size, axis=1)[:, :l]
+  neg = jnp.where(neg_ids == targets[..., None], _MASKED, neg)
   logits = jnp.concatenate([pos[..., None], neg], axis=-1)
   per_position = jax.nn.logsumexp(logits, axis=-1) - pos
   return _weighted_mean(per_position, weights)

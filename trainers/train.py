@@ -68,7 +68,7 @@ def make_train_step(model, tx, config: configs.TrainConfig, base_rng: jax.Array)
                                  config.temperature)
     negatives = losses.sample_negatives(negatives_rng, batch["targets"].shape,
                                         config.num_negatives, vocab_size,
-                                        config.negative_sharing)
+                                        config.negative_sharing, config.negative_group)
     return losses.sampled_softmax_loss(user, batch["targets"], batch["weights"], table,
                                        negatives, config.temperature)
 
@@ -113,8 +113,10 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
                      f"divisible by the {n_dev} devices")
 
   # ----------------------------------------------------------------- input
-  train_data = SequenceData(config.data_dir, features.TRAIN, config.batch_size, max_len,
-                            config.shuffle_buffer)
+  train_data = SequenceData(
+      config.data_dir, features.TRAIN, config.batch_size, max_len, config.shuffle_buffer,
+      length_buckets=tuple(int(f * max_len) for f in config.length_bucket_fractions),
+      bucket_window=config.bucket_window)
   eval_data = {split: SequenceData(config.data_dir, split, config.eval_batch_size, max_len)
                for split in (features.VALID, features.TEST)}
   num_train = info.num_examples[features.TRAIN]

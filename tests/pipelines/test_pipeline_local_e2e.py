@@ -1,12 +1,18 @@
 """The whole DAG through kfp.local on MovieLens-100K (integration tier, ~3 min on 2 cores).
 
-Two runs of the smoke config: the first model is blessed (no champion yet); a second,
-deliberately crippled run (learning rate 1e-9, one epoch) is measured, recorded and
-rejected by the gate, so its bless step never runs.
+Two runs of the smoke config: the first model is blessed (no champion yet), exported and
+deployed to the local registry, where `recml serve` answers it; a second, deliberately
+crippled run (learning rate 1e-9, one epoch) is measured, recorded and rejected by the
+gate, so its bless, export and deploy steps never run.
 """
 
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -15,6 +21,33 @@ from pipelines import local as local_lib
 
 ML100K = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "datasets", "ml-100k")
 pytestmark = pytest.mark.integration
+
+
+def _serve_registry_and_query(registry, items):
+  """Starts `recml serve` on the registry's current model; returns one prediction."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--registry", registry,
+                           "--port", str(port), "--max-batch", "1"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 180
+    while time.time() < deadline:
+      assert proc.poll() is None, "recml serve exited"
+      try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+          if r.status == 200:
+            break
+      except OSError:
+        time.sleep(0.5)
+    body = json.dumps({"instances": [{"items": items, "k": 5}]}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=body, method="POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
+      return json.loads(r.read())["predictions"][0]
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
 
 
 def _run(root, run_id, *extra):
@@ -59,6 +92,18 @@ def test_two_runs_champion_blessed_crippled_rejected(tmp_path, capsys, monkeypat
                                          "blessing.json")))
   assert blessing["model_uri"] == model["uri"] and blessing["run_id"] == "smoke-good"
 
+  # export + deploy: the bundle is the local registry's current model, and it answers
+  assert steps["export"]["status"] == "done" and steps["deploy"]["status"] == "done"
+  bundle = steps["export"]["outputs"]["bundle"]
+  assert bundle["metadata"]["model"] == "sasrec" and bundle["metadata"]["max_len"] == 50
+  registry = str(root / "registry")
+  current = json.load(open(os.path.join(registry, "current.json")))
+  assert current["run_id"] == "smoke-good" and current["version"] == "0001"
+  assert current["source"] == os.path.abspath(bundle["uri"].replace("file://", ""))
+  prediction = _serve_registry_and_query(registry, [1, 2, 3, 50])  # raw MovieLens ids
+  assert len(prediction["items"]) == 5 and len(prediction["scores"]) == 5
+  assert not {1, 2, 3, 50} & set(prediction["items"])  # history excluded
+
   store = metrics_store.open_store(f"duckdb:///{root}/metrics.duckdb")
   rows = {(r.split, r.metric, r.k): r for r in store.rows("smoke-good")}
   assert rows[("valid", "ndcg", 10)].value == pytest.approx(metrics["valid/ndcg@10"])
@@ -73,6 +118,9 @@ def test_two_runs_champion_blessed_crippled_rejected(tmp_path, capsys, monkeypat
   steps = {s["step"]: s for s in local_lib.lineage(str(root / "smoke-bad"))["steps"]}
   assert steps["validate"]["values"]["Output"] == "rejected"
   assert steps["bless"]["status"] == "skipped"
+  assert steps["export"]["status"] == "skipped" and steps["deploy"]["status"] == "skipped"
+  current = json.load(open(os.path.join(registry, "current.json")))
+  assert current["run_id"] == "smoke-good"  # the rejected model is not deployed
   bad = {(r.split, r.metric, r.k): r.value for r in store.rows("smoke-bad")}
   assert bad[("valid", "ndcg", 10)] < rows[("valid", "ndcg", 10)].value
   assert bad[("valid", "blessed", None)] == 0.0

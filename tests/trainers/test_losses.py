@@ -10,7 +10,9 @@ from trainers import losses
 
 def numpy_sampled_softmax(user, targets, weights, table, negatives, temperature):
   b, l, _ = user.shape
-  negatives = np.broadcast_to(negatives, (b, l, negatives.shape[-1]))
+  nb, g, n = negatives.shape
+  size = -(-l // g)
+  negatives = np.broadcast_to(negatives, (b, g, n))[:, np.arange(l) // size]
   total, count = 0.0, 0.0
   for i in range(b):
     for j in range(l):
@@ -24,15 +26,16 @@ def numpy_sampled_softmax(user, targets, weights, table, negatives, temperature)
   return total / count
 
 
-@pytest.mark.parametrize("sharing", ["position", "sequence", "batch"])
-def test_sampled_softmax_equals_numpy(sharing):
+@pytest.mark.parametrize("sharing,group", [("position", 1), ("group", 2), ("group", 3),
+                                           ("sequence", 1), ("batch", 1)])
+def test_sampled_softmax_equals_numpy(sharing, group):
   rng = np.random.default_rng(0)
-  b, l, d, v, n = 3, 5, 8, 12, 6
+  b, l, d, v, n = 3, 7, 8, 12, 6
   user = rng.normal(size=(b, l, d)).astype(np.float32)
   table = rng.normal(size=(v, d)).astype(np.float32)
   targets = rng.integers(2, v, (b, l))
   weights = (rng.uniform(size=(b, l)) > 0.3).astype(np.float32)
-  negatives = np.asarray(losses.sample_negatives(jax.random.key(1), (b, l), n, v, sharing))
+  negatives = np.asarray(losses.sample_negatives(jax.random.key(1), (b, l), n, v, sharing, group))
   negatives = negatives.copy()
   negatives.flat[0] = targets.flat[0]  # a negative equal to the target is excluded
   got = losses.sampled_softmax_loss(jnp.asarray(user), jnp.asarray(targets), jnp.asarray(weights),
@@ -47,6 +50,7 @@ def test_negatives_are_uniform_over_real_items():
   counts = np.bincount(neg.ravel(), minlength=20)[2:]
   assert counts.std() / counts.mean() < 0.02
   assert losses.sample_negatives(jax.random.key(0), (4, 7), 9, 20, "sequence").shape == (4, 1, 9)
+  assert losses.sample_negatives(jax.random.key(0), (4, 7), 9, 20, "group", 3).shape == (4, 3, 9)
   assert losses.sample_negatives(jax.random.key(0), (4, 7), 9, 20, "batch").shape == (1, 1, 9)
 
 

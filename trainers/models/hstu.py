@@ -97,11 +97,13 @@ class HSTUBlock(nn.Module):
     k = k.reshape(b, length, h, dqk)
     v = v.reshape(b, length, h, dv)
     scores = jnp.einsum("bihd,bjhd->bhij", q, k) + rab[:, None]
-    attn = nn.silu(scores) / length * mask
-    attn = nn.Dropout(c.attention_dropout)(attn, deterministic=deterministic)
+    # Divide by the configured max length, not the padded one: the scale must not
+    # depend on how a batch was padded (length buckets, serving batch shapes).
+    attn = nn.silu(scores) / c.max_len * mask
+    attn = layers.Dropout(c.attention_dropout)(attn, deterministic)
     out = jnp.einsum("bhij,bjhd->bihd", attn, v).reshape(b, length, h * dv)
     out = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False)(out)
-    out = nn.Dropout(c.dropout)(u * out, deterministic=deterministic)
+    out = layers.Dropout(c.dropout)(u * out, deterministic)
     return x + layers.dense(c.embedding_dim, (layers.MLP, layers.EMBED), name="out")(out)
 
 
@@ -115,7 +117,7 @@ class HSTU(nn.Module):
     self.item_embedding = layers.ItemEmbedding(
         c.vocab_size, c.embedding_dim, normalize=c.l2_normalize)
     self.position_embedding = layers.PositionEmbedding(c.max_len, c.embedding_dim)
-    self.input_dropout = nn.Dropout(c.dropout)
+    self.input_dropout = layers.Dropout(c.dropout)
     self.relative_bias = RelativeBias(c)
     self.blocks = [HSTUBlock(c) for _ in range(c.num_blocks)]
 

@@ -30,6 +30,25 @@ class SASRecConfig:
   l2_normalize: bool = True
 
 
+class CausalSelfAttention(nn.Module):
+  """Multi-head softmax attention; ``mask`` is ``[B, 1, L, L]`` (True = may attend)."""
+
+  config: SASRecConfig
+
+  @nn.compact
+  def __call__(self, x, mask, deterministic: bool):
+    c = self.config
+    b, length, d = x.shape
+    h = c.num_heads
+    qkv = layers.dense(3 * d, (layers.EMBED, layers.HEADS), name="qkv")(x)
+    q, k, v = (t.reshape(b, length, h, d // h) for t in jnp.split(qkv, 3, axis=-1))
+    logits = jnp.einsum("bihd,bjhd->bhij", q, k) / jnp.sqrt(float(d // h))
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    weights = layers.Dropout(c.dropout)(jax.nn.softmax(logits, axis=-1), deterministic)
+    out = jnp.einsum("bhij,bjhd->bihd", weights, v).reshape(b, length, d)
+    return layers.dense(d, (layers.HEADS, layers.EMBED), name="out")(out)
+
+
 class _Block(nn.Module):
   config: SASRecConfig
 
@@ -37,20 +56,13 @@ class _Block(nn.Module):
   def __call__(self, x, mask, deterministic: bool):
     c = self.config
     h = nn.LayerNorm(epsilon=1e-8)(x)
-    h = nn.MultiHeadDotProductAttention(
-        num_heads=c.num_heads, qkv_features=c.embedding_dim,
-        dropout_rate=c.dropout, deterministic=deterministic,
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.xavier_uniform(), (layers.EMBED, layers.HEADS, layers.KV)),
-        out_kernel_init=nn.with_logical_partitioning(
-            nn.initializers.xavier_uniform(), (layers.HEADS, layers.KV, layers.EMBED)),
-    )(h, h, mask=mask)
-    x = x + nn.Dropout(c.dropout)(h, deterministic=deterministic)
+    h = CausalSelfAttention(c)(h, mask, deterministic)
+    x = x + layers.Dropout(c.dropout)(h, deterministic)
     h = nn.LayerNorm(epsilon=1e-8)(x)
     h = layers.dense(c.ffn_dim, (layers.EMBED, layers.MLP))(h)
-    h = nn.Dropout(c.dropout)(nn.relu(h), deterministic=deterministic)
+    h = layers.Dropout(c.dropout)(nn.relu(h), deterministic)
     h = layers.dense(c.embedding_dim, (layers.MLP, layers.EMBED))(h)
-    return x + nn.Dropout(c.dropout)(h, deterministic=deterministic)
+    return x + layers.Dropout(c.dropout)(h, deterministic)
 
 
 class SASRec(nn.Module):
@@ -63,7 +75,7 @@ class SASRec(nn.Module):
     self.item_embedding = layers.ItemEmbedding(
         c.vocab_size, c.embedding_dim, normalize=c.l2_normalize)
     self.position_embedding = layers.PositionEmbedding(c.max_len, c.embedding_dim)
-    self.input_dropout = nn.Dropout(c.dropout)
+    self.input_dropout = layers.Dropout(c.dropout)
     self.blocks = [_Block(c) for _ in range(c.num_blocks)]
     self.final_norm = nn.LayerNorm(epsilon=1e-8)
 

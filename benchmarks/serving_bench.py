@@ -1,0 +1,234 @@
+"""Load test of `recml serve` on loopback: QPS and p50/p99 latency vs a naive server.
+
+For each bundle, starts `recml serve --bundle B` (micro-batched) and `recml serve --naive`
+(one request at a time, the baseline) on 127.0.0.1, waits for the health route, and
+drives each with a load generator in a separate process (aiohttp client, closed loop:
+C workers, each sends its next request when the previous one is answered) at every
+concurrency level. Bounded: at most --requests requests and --seconds seconds per level,
+after --warmup requests that are not measured.
+
+Requests are real MovieLens histories: each user's most recent ratings (raw movie ids and
+timestamps, oldest first, up to the bundle's max_len), k=10, history excluded.
+
+    .venv/bin/python benchmarks/serving_bench.py \
+        --bundle sasrec=/tmp/bundles/sasrec --bundle hstu=/tmp/bundles/hstu \
+        --ratings ../shared/datasets/ml-1m-partial/ratings_users1-2999.dat.gz \
+        --output benchmarks/results/serving.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def histories(ratings: str, max_len: int, limit: int = 2000) -> list[dict]:
+  """``user::item::rating::ts`` lines -> instances with items and timestamps, oldest first."""
+  users: dict[str, list[tuple[int, int]]] = {}
+  opener = gzip.open if ratings.endswith(".gz") else open
+  with opener(ratings, "rt", encoding="latin-1") as f:
+    for line in f:
+      user, item, _, ts = line.strip().split("::")
+      users.setdefault(user, []).append((int(ts), int(item)))
+  out = []
+  for events in list(users.values())[:limit]:
+    events.sort()
+    events = events[-max_len:]
+    out.append({"items": [i for _, i in events], "timestamps": [t for t, _ in events],
+                "query_timestamp": events[-1][0] + 60, "k": 10})
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Load generator (runs in its own process: `serving_bench.py load ...`)
+# ---------------------------------------------------------------------------
+
+
+async def _load(url: str, bodies: list[bytes], concurrency: int, requests: int,
+                seconds: float, warmup: int) -> dict:
+  import aiohttp  # pylint: disable=g-import-not-at-top
+  connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+  headers = {"Content-Type": "application/json"}
+  latencies: list[float] = []
+  errors = 0
+  async with aiohttp.ClientSession(connector=connector) as session:
+    async def one(i: int) -> float:
+      nonlocal errors
+      t = time.perf_counter()
+      async with session.post(url, data=bodies[i % len(bodies)], headers=headers) as r:
+        await r.read()
+        if r.status != 200:
+          errors += 1
+      return time.perf_counter() - t
+
+    for i in range(warmup):  # connections opened, caches warm; not measured
+      await one(i)
+    counter = iter(range(requests))
+    deadline = time.perf_counter() + seconds
+
+    async def worker():
+      for i in counter:
+        if time.perf_counter() > deadline:
+          return
+        latencies.append(await one(i))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+  latencies.sort()
+  n = len(latencies)
+  pct = lambda q: latencies[min(n - 1, int(q * n))] * 1000  # noqa: E731
+  return {"concurrency": concurrency, "requests": n, "errors": errors, "seconds": elapsed,
+          "qps": n / elapsed, "p50_ms": pct(0.50), "p99_ms": pct(0.99)}
+
+
+def cmd_load(args) -> None:
+  with open(args.bodies, encoding="utf-8") as f:
+    bodies = [line.encode() for line in f.read().splitlines()]
+  result = asyncio.run(_load(args.url, bodies, args.concurrency, args.requests, args.seconds,
+                             args.warmup))
+  print(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _wait_ready(port: int, proc, timeout: float = 300) -> None:
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise RuntimeError(f"server exited with {proc.returncode}")
+    try:
+      with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+        if r.status == 200:
+          return
+    except OSError:
+      pass
+    time.sleep(0.5)
+  raise TimeoutError("server not ready")
+
+
+def run_server(bundle: str, naive: bool, levels, bodies_file: str, args) -> list[dict]:
+  port = _free_port()
+  cmd = [sys.executable, "-m", "pipelines.cli", "serve", "--bundle", bundle, "--port", str(port),
+         "--host", "127.0.0.1", "--max-batch", str(args.max_batch)] + (["--naive"] if naive else [])
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    _wait_ready(port, proc)
+    results = []
+    for c in levels:
+      out = subprocess.run(
+          [sys.executable, os.path.abspath(__file__), "load", "--url",
+           f"http://127.0.0.1:{port}/predict", "--bodies", bodies_file, "--concurrency", str(c),
+           "--requests", str(args.requests), "--seconds", str(args.seconds),
+           "--warmup", str(args.warmup)],
+          check=True, capture_output=True, text=True)
+      results.append(json.loads(out.stdout))
+      print(("naive  " if naive else "batched"), json.dumps(results[-1]), flush=True)
+    return results
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def table(rows: list[dict]) -> str:
+  lines = ["| model | server | concurrency | requests | QPS | p50 ms | p99 ms | errors | QPS vs naive |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+  naive = {(r["model"], r["concurrency"]): r["qps"] for r in rows if r["server"] == "naive"}
+  for r in rows:
+    ratio = r["qps"] / naive[(r["model"], r["concurrency"])]
+    lines.append(f"| {r['model']} | {r['server']} | {r['concurrency']} | {r['requests']} | "
+                 f"{r['qps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} | "
+                 f"{ratio:.2f}x |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  sub = parser.add_subparsers(dest="cmd")
+  load = sub.add_parser("load")
+  load.add_argument("--url", required=True)
+  load.add_argument("--bodies", required=True)
+  load.add_argument("--concurrency", type=int, required=True)
+  load.add_argument("--requests", type=int, default=2000)
+  load.add_argument("--seconds", type=float, default=20)
+  load.add_argument("--warmup", type=int, default=20)
+  parser.add_argument("--bundle", action="append", default=[], metavar="NAME=DIR")
+  parser.add_argument("--ratings", default=os.path.join(
+      REPO, "..", "shared", "datasets", "ml-1m-partial", "ratings_users1-2999.dat.gz"))
+  parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+  parser.add_argument("--requests", type=int, default=2000, help="per level (bound)")
+  parser.add_argument("--seconds", type=float, default=15, help="per level (bound)")
+  parser.add_argument("--warmup", type=int, default=20)
+  parser.add_argument("--max-batch", type=int, default=32)
+  parser.add_argument("--output", help="markdown file to write")
+  args = parser.parse_args(argv)
+  if args.cmd == "load":
+    cmd_load(args)
+    return 0
+  rows = []
+  import tempfile  # pylint: disable=g-import-not-at-top
+  for spec in args.bundle:
+    name, _, bundle = spec.partition("=")
+    with open(os.path.join(bundle, "bundle.json"), encoding="utf-8") as f:
+      max_len = json.load(f)["max_len"]
+    insts = histories(args.ratings, max_len)
+    random.Random(0).shuffle(insts)
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+      for inst in insts:
+        f.write(json.dumps({"instances": [inst]}) + "\n")
+      bodies_file = f.name
+    for naive in (True, False):
+      for r in run_server(bundle, naive, args.concurrency, bodies_file, args):
+        rows.append({"model": name, "server": "naive" if naive else "batched", **r})
+    os.unlink(bodies_file)
+  md = table(rows)
+  print(md)
+  if args.output:
+    lengths = [len(i["items"]) for i in histories(args.ratings, 10**9)]
+    with open(args.output, "w", encoding="utf-8") as f:
+      f.write(RESULT_HEADER.format(
+          machine=f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs)",
+          date=time.strftime("%Y-%m-%d"), requests=args.requests, seconds=args.seconds,
+          warmup=args.warmup, max_batch=args.max_batch,
+          median_len=sorted(lengths)[len(lengths) // 2]))
+      f.write(md + "\n")
+  return 0
+
+
+RESULT_HEADER = """# Serving benchmark (`benchmarks/serving_bench.py`)
+
+Machine: {machine}; {date}. Server and load generator on 127.0.0.1, each its own
+process. Closed loop: C concurrent clients, each sends its next request when the previous
+one is answered; per level at most {requests} requests or {seconds:.0f} s, after {warmup}
+unmeasured warm-up requests. One instance per request: a real ml-1m-partial user history
+(raw movie ids + timestamps, up to max_len; median user {median_len} ratings), k=10,
+history excluded. `naive` = `recml serve --naive` (one request at a time, batch of 1, the
+device call blocks the event loop); `batched` = `recml serve --max-batch {max_batch}`
+(micro-batching, buckets 1..{max_batch}). Bundles: ml-1m-partial, 2 epochs (latency does
+not depend on quality).
+
+"""
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,438 @@
+"""Serving bundles: a trained model as data, answerable without the training code.
+
+A bundle answers "given this user's recent raw item ids, return the top-K raw item ids
+with scores". It is a directory of data files only (no pickle, no Python)::
+
+    bundle.json        format, model, shapes (max_len, max_k, vocab), signature, weight
+                       names/shapes, sha256 of every file, provenance (workdir, metrics)
+    model.stablehlo    ``jax.export`` artifact (serialised StableHLO, symbolic batch ``b``)
+    weights.npz        the parameters as a flat list w000, w001, ... (read with
+                       ``allow_pickle=False``)
+    vocab/items.txt    raw item id per line, line i = index i (0 = <pad>, 1 = <oov>)
+    config.json        the exact TrainConfig (reference only)
+    dataset_info.json  the dataset's vocabulary sizes and counts (reference only)
+
+The exported function is the trainer's scoring (:func:`trainers.evaluate.make_score_fn`:
+user vector at the last history position . item table^T) followed, on device, by the
+exclusion of PAD/OOV and of the given history ids, and ``lax.top_k``::
+
+    serve(weights, item_ids[b, L] i32, timestamps[b, L] i32, query_timestamps[b, L] i32,
+          exclude_ids[b, L] i32) -> (scores[b, K] f32, ids[b, K] i32)
+
+Sequences are right-aligned (left padding with 0, last column = most recent item);
+``query_timestamps[:, i]`` is the time at which position i's prediction is made (the
+next item's timestamp, and for the last column the request time), as in training.
+Excluded candidates score ``-inf``; callers drop those.
+
+Writing a bundle needs the model code (Flax); loading one needs only ``jax`` and
+``numpy`` (the serving image has nothing else), which is why Flax and the trainer are
+imported inside :func:`export_bundle` only.
+
+TF SavedModel: not written. Native ``jax2tf`` output (StableHLO inside ``XlaCallModule``)
+of JAX 0.10.2 does not load in TF 2.21 (DESIGN.md). ``jax2tf.convert(...,
+native_serialization=False)`` (TF graph ops, no StableHLO) still converts a trivial
+function in JAX 0.10.2, so it may avoid the mismatch. It was not tried on these models,
+and the serving path does not need it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import shutil
+from typing import Any, Sequence
+
+import numpy as np
+
+from trainers import features
+
+FORMAT = "recml-serving-bundle"
+FORMAT_VERSION = 1
+BUNDLE_FILE = "bundle.json"
+MODEL_FILE = "model.stablehlo"
+WEIGHTS_FILE = "weights.npz"
+VOCAB_FILE = features.ITEM_VOCAB_FILE
+DEFAULT_MAX_K = 100
+# Platforms the StableHLO is lowered for: the serving image runs on CPU; an endpoint with
+# an accelerator can load the same bundle.
+PLATFORMS = ("cpu", "cuda", "tpu")
+INPUTS = ("item_ids", "timestamps", "query_timestamps", "exclude_ids")
+OUTPUTS = ("scores", "ids")
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _weight_name(i: int) -> str:
+  return f"w{i:03d}"
+
+
+# ---------------------------------------------------------------------------
+# Writing (needs the model code)
+# ---------------------------------------------------------------------------
+
+
+def serving_function(model, max_k: int):
+  """``(weights, item_ids, timestamps, query_timestamps, exclude_ids) -> (scores, ids)``.
+
+  ``weights`` is the flat list of the model's parameter leaves (``jax.tree.leaves``
+  order of ``params``); the function rebuilds the tree itself, so the exported artifact
+  takes a plain tuple of arrays.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from trainers import evaluate  # pylint: disable=g-import-not-at-top
+  score = evaluate.make_score_fn(model)
+
+  def make(treedef):
+    def serve(weights, item_ids, timestamps, query_timestamps, exclude_ids):
+      params = jax.tree.unflatten(treedef, list(weights))
+      batch = {"history": item_ids, "timestamps": timestamps,
+               "query_timestamps": query_timestamps}
+      scores = score(params, batch)                                   # [b, V]
+      b, vocab = scores.shape
+      excluded = jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], exclude_ids].set(True)
+      excluded = excluded.at[:, :features.FIRST_ITEM_ID].set(True)     # PAD, OOV
+      scores = jnp.where(excluded, -jnp.inf, scores)
+      top_scores, top_ids = jax.lax.top_k(scores, max_k)
+      return top_scores, top_ids.astype(jnp.int32)
+    return serve
+
+  return make
+
+
+def export_model(model, params, max_len: int, max_k: int,
+                 platforms: Sequence[str] = PLATFORMS):
+  """The ``jax.export.Exported`` of the serving function, batch dimension symbolic."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax import export  # pylint: disable=g-import-not-at-top
+  leaves, treedef = jax.tree.flatten(params)
+  fn = serving_function(model, max_k)(treedef)
+  (b,) = export.symbolic_shape("b")
+  seq = jax.ShapeDtypeStruct((b, max_len), np.int32)
+  weights = tuple(jax.ShapeDtypeStruct(np.shape(w), np.asarray(w).dtype) for w in leaves)
+  exported = export.export(jax.jit(fn), platforms=tuple(platforms))(weights, seq, seq, seq, seq)
+  return exported, leaves, treedef
+
+
+def _item_id_type(vocab: Sequence[str]) -> str:
+  """``int`` when every raw id is a canonical integer (MovieLens), else ``str``."""
+  for raw in vocab[features.FIRST_ITEM_ID:]:
+    try:
+      if str(int(raw)) != raw:
+        return "str"
+    except ValueError:
+      return "str"
+  return "int"
+
+
+def export_bundle(workdir: str, out_dir: str, data_dir: str | None = None,
+                  max_k: int = DEFAULT_MAX_K,
+                  platforms: Sequence[str] = PLATFORMS) -> dict[str, Any]:
+  """Writes the serving bundle of a training work directory's selected checkpoint.
+
+  Args:
+    workdir: a training work directory (the train step's Model artifact).
+    out_dir: the bundle directory (created; must be empty or absent).
+    data_dir: the dataset directory holding ``vocab/items.txt``; default: the work
+      directory when it has one, else the config's ``data_dir``.
+    max_k: the largest ``k`` a request may ask for (capped at the number of items).
+    platforms: platforms to lower for.
+
+  Returns:
+    The bundle's ``bundle.json`` content.
+  """
+  from trainers import evaluate  # pylint: disable=g-import-not-at-top
+  from trainers.checkpoints import CONFIG_FILE  # pylint: disable=g-import-not-at-top
+  config, model, params, meta = evaluate.load_model(workdir)
+  vocab_dir = data_dir
+  if vocab_dir is None:
+    has_vocab = os.path.exists(os.path.join(workdir, VOCAB_FILE))
+    vocab_dir = workdir if has_vocab else config.data_dir
+  vocab = features.load_item_vocab(vocab_dir)
+  vocab_size = config.model_config.vocab_size
+  if len(vocab) != vocab_size:
+    raise ValueError(f"{vocab_dir}/{VOCAB_FILE} has {len(vocab)} ids but the model's item "
+                     f"table has {vocab_size} rows: wrong dataset for this model")
+  max_len = config.model_config.max_len
+  max_k = max(1, min(int(max_k), vocab_size - features.FIRST_ITEM_ID))
+
+  if os.path.exists(out_dir) and os.listdir(out_dir):
+    raise FileExistsError(f"{out_dir} is not empty")
+  os.makedirs(os.path.join(out_dir, "vocab"), exist_ok=True)
+  exported, leaves, treedef = export_model(model, params, max_len, max_k, platforms)
+  with open(os.path.join(out_dir, MODEL_FILE), "wb") as f:
+    f.write(exported.serialize())
+  arrays = {_weight_name(i): np.asarray(w) for i, w in enumerate(leaves)}
+  np.savez(os.path.join(out_dir, WEIGHTS_FILE), **arrays)
+  with open(os.path.join(out_dir, VOCAB_FILE), "w", encoding="utf-8") as f:
+    f.write("".join(f"{v}\n" for v in vocab))
+  shutil.copyfile(os.path.join(workdir, CONFIG_FILE), os.path.join(out_dir, CONFIG_FILE))
+  info = os.path.join(workdir, features.DATASET_INFO_FILE)
+  if not os.path.exists(info):
+    info = os.path.join(vocab_dir, features.DATASET_INFO_FILE)
+  if os.path.exists(info):
+    shutil.copyfile(info, os.path.join(out_dir, features.DATASET_INFO_FILE))
+
+  import jax  # pylint: disable=g-import-not-at-top
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  metrics = {}
+  metrics_file = os.path.join(workdir, "metrics.json")
+  if os.path.exists(metrics_file):
+    with open(metrics_file, encoding="utf-8") as f:
+      metrics = json.load(f)
+  files = sorted(
+      os.path.relpath(os.path.join(d, n), out_dir)
+      for d, _, names in os.walk(out_dir) for n in names)
+  record = {
+      "format": FORMAT,
+      "format_version": FORMAT_VERSION,
+      "model": config.model,
+      "max_len": max_len,
+      "max_k": max_k,
+      "item_vocab_size": vocab_size,
+      "item_id_type": _item_id_type(vocab),
+      "platforms": list(exported.platforms),
+      "signature": {
+          "inputs": {n: {"shape": ["b", max_len], "dtype": "int32"} for n in INPUTS},
+          "weights": [{"name": _weight_name(i), "path": p, "shape": list(np.shape(w)),
+                       "dtype": str(np.asarray(w).dtype)}
+                      for i, (p, w) in enumerate(zip(paths, leaves))],
+          "outputs": {"scores": {"shape": ["b", max_k], "dtype": "float32"},
+                      "ids": {"shape": ["b", max_k], "dtype": "int32"}},
+      },
+      "source": {
+          "workdir": os.path.abspath(workdir),
+          "vocab_dir": os.path.abspath(vocab_dir),
+          "checkpoint_meta": meta,
+          "selected_epoch": metrics.get("selected_epoch"),
+          "valid": metrics.get("valid", {}),
+          "test": metrics.get("test", {}),
+      },
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "sha256": {name: _sha256(os.path.join(out_dir, name)) for name in files},
+  }
+  with open(os.path.join(out_dir, BUNDLE_FILE), "w", encoding="utf-8") as f:
+    json.dump(record, f, indent=2, sort_keys=True, default=str)
+  return record
+
+
+# ---------------------------------------------------------------------------
+# Loading (jax + numpy only)
+# ---------------------------------------------------------------------------
+
+
+class BundleError(ValueError):
+  """A bundle directory that is incomplete, corrupt or of an unknown format."""
+
+
+@dataclasses.dataclass
+class Bundle:
+  """A loaded bundle: the deserialised model, its weights and the item vocabulary."""
+
+  path: str
+  meta: dict[str, Any]
+  exported: Any                 # jax.export.Exported
+  weights: tuple[np.ndarray, ...]
+  vocab: list[str]
+  index: dict[str, int]         # raw id -> item index (admitted items only)
+
+  @property
+  def max_len(self) -> int:
+    return int(self.meta["max_len"])
+
+  @property
+  def max_k(self) -> int:
+    return int(self.meta["max_k"])
+
+  def lookup(self, raw_ids: Sequence[Any]) -> list[int]:
+    """Raw ids (str or int) -> item indices; unknown ids map to OOV."""
+    return [self.index.get(str(r), features.OOV_ID) for r in raw_ids]
+
+  def raw_ids(self, indices: Sequence[int]) -> list[Any]:
+    """Item indices -> raw ids (ints when the vocabulary is all integers)."""
+    raw = [self.vocab[int(i)] for i in indices]
+    return [int(r) for r in raw] if self.meta.get("item_id_type") == "int" else raw
+
+
+def load_bundle(path: str, verify: bool = True) -> Bundle:
+  """Reads a bundle directory; ``verify`` checks every file's sha256 against bundle.json."""
+  from jax import export  # pylint: disable=g-import-not-at-top
+  meta_path = os.path.join(path, BUNDLE_FILE)
+  if not os.path.isfile(meta_path):
+    raise BundleError(f"{meta_path} not found: not a serving bundle (run `recml export`?)")
+  with open(meta_path, encoding="utf-8") as f:
+    meta = json.load(f)
+  if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+    raise BundleError(f"{path}: format {meta.get('format')!r} v{meta.get('format_version')}, "
+                      f"expected {FORMAT!r} v{FORMAT_VERSION}")
+  for name in (MODEL_FILE, WEIGHTS_FILE, VOCAB_FILE):
+    if not os.path.isfile(os.path.join(path, name)):
+      raise BundleError(f"{path}: {name} is missing")
+  if verify:
+    for name, digest in meta.get("sha256", {}).items():
+      file = os.path.join(path, name)
+      if not os.path.isfile(file) or _sha256(file) != digest:
+        raise BundleError(f"{path}: {name} is missing or does not match its sha256")
+  with open(os.path.join(path, MODEL_FILE), "rb") as f:
+    exported = export.deserialize(bytearray(f.read()))
+  specs = meta["signature"]["weights"]
+  with np.load(os.path.join(path, WEIGHTS_FILE), allow_pickle=False) as npz:
+    weights = tuple(npz[s["name"]] for s in specs)
+  expected = exported.in_avals[:len(weights)]
+  if len(exported.in_avals) != len(weights) + len(INPUTS) or any(
+      tuple(a.shape) != w.shape or a.dtype != w.dtype for a, w in zip(expected, weights)):
+    raise BundleError(f"{path}: weights.npz does not match the exported model's inputs")
+  vocab = features.load_item_vocab(path)
+  if len(vocab) != int(meta["item_vocab_size"]):
+    raise BundleError(f"{path}: {VOCAB_FILE} has {len(vocab)} ids, bundle.json says "
+                      f"{meta['item_vocab_size']}")
+  index = {raw: i for i, raw in enumerate(vocab) if i >= features.FIRST_ITEM_ID}
+  return Bundle(path=os.path.abspath(path), meta=meta, exported=exported, weights=weights,
+                vocab=vocab, index=index)
+
+
+def right_align(rows: Sequence[Sequence[int]], length: int, out: np.ndarray | None = None):
+  """Lists (oldest first) -> ``[len(rows), length]`` int32, left-padded with 0."""
+  arr = np.zeros((len(rows), length), np.int32) if out is None else out
+  for r, row in enumerate(rows):
+    row = list(row)[-length:]
+    if row:
+      arr[r, length - len(row):] = row
+  return arr
+
+
+class Predictor:
+  """Runs a bundle on the default device, batches padded to fixed bucket sizes.
+
+  ``jax.jit(exported.call)`` compiles once per bucket (``warmup`` does all of them), so
+  serving never recompiles: a batch of n rows runs in the smallest bucket >= n.
+  """
+
+  def __init__(self, bundle: Bundle, buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)):
+    import jax  # pylint: disable=g-import-not-at-top
+    self.bundle = bundle
+    self.buckets = tuple(sorted(set(int(b) for b in buckets)))
+    if not self.buckets or self.buckets[0] < 1:
+      raise ValueError(f"bad buckets {buckets}")
+    self.max_batch = self.buckets[-1]
+    self._weights = tuple(jax.device_put(w) for w in bundle.weights)
+    self._call = jax.jit(bundle.exported.call)
+
+  def bucket(self, n: int) -> int:
+    for b in self.buckets:
+      if b >= n:
+        return b
+    raise ValueError(f"batch of {n} rows exceeds the largest bucket {self.max_batch}")
+
+  def run(self, item_ids: np.ndarray, timestamps: np.ndarray, query_timestamps: np.ndarray,
+          exclude_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``[n, L]`` int32 inputs (n <= max_batch) -> ``(scores [n, K], ids [n, K])``."""
+    n = item_ids.shape[0]
+    size = self.bucket(n)
+    args = [item_ids, timestamps, query_timestamps, exclude_ids]
+    if size != n:
+      args = [np.pad(a, ((0, size - n), (0, 0))) for a in args]
+    scores, ids = self._call(self._weights, *args)
+    return np.asarray(scores)[:n], np.asarray(ids)[:n]
+
+  def warmup(self) -> None:
+    length = self.bundle.max_len
+    for size in self.buckets:
+      z = np.zeros((size, length), np.int32)
+      z[:, -1] = features.OOV_ID
+      self.run(z, z, z, z)
+
+
+# ---------------------------------------------------------------------------
+# Local model registry (files only: usable from the tools image without JAX)
+# ---------------------------------------------------------------------------
+#
+#     REGISTRY/
+#       current.json            the deployed version: {"version", "path", "deployed_at", ...}
+#       history.jsonl           one line per deployment
+#       models/<version>/       a copy of each deployed bundle (version = 0001, 0002, ...)
+#
+# ``current.json`` is replaced atomically, so a server starting during a deployment
+# reads either the old or the new version, never half of one.
+
+REGISTRY_CURRENT = "current.json"
+REGISTRY_HISTORY = "history.jsonl"
+
+
+def verify_bundle_files(path: str) -> dict[str, Any]:
+  """Checks format and sha256 of every file (no JAX needed); returns bundle.json."""
+  meta_path = os.path.join(path, BUNDLE_FILE)
+  if not os.path.isfile(meta_path):
+    raise BundleError(f"{meta_path} not found: not a serving bundle")
+  with open(meta_path, encoding="utf-8") as f:
+    meta = json.load(f)
+  if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+    raise BundleError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} bundle")
+  for name in (MODEL_FILE, WEIGHTS_FILE, VOCAB_FILE):
+    if name not in meta.get("sha256", {}):
+      raise BundleError(f"{path}: bundle.json lists no sha256 for {name}")
+  for name, digest in meta["sha256"].items():
+    file = os.path.join(path, name)
+    if not os.path.isfile(file) or _sha256(file) != digest:
+      raise BundleError(f"{path}: {name} is missing or does not match its sha256")
+  return meta
+
+
+def publish(bundle_dir: str, registry: str, run_id: str = "",
+            labels: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Copies a verified bundle into the registry and makes it the current model."""
+  meta = verify_bundle_files(bundle_dir)
+  models = os.path.join(registry, "models")
+  os.makedirs(models, exist_ok=True)
+  existing = [int(v) for v in os.listdir(models) if v.isdigit()]
+  number = max(existing, default=0) + 1
+  while True:  # os.mkdir is atomic: two deployments never share a version
+    version = f"{number:04d}"
+    staging = os.path.join(models, f".{version}.tmp")
+    try:
+      os.mkdir(os.path.join(models, version))
+      break
+    except FileExistsError:
+      number += 1
+  target = os.path.join(models, version)
+  shutil.rmtree(staging, ignore_errors=True)
+  shutil.copytree(bundle_dir, staging)
+  os.rmdir(target)
+  os.replace(staging, target)
+  record = {
+      "version": version,
+      "path": os.path.abspath(target),
+      "source": os.path.abspath(bundle_dir),
+      "run_id": run_id,
+      "model": meta.get("model"),
+      "valid": meta.get("source", {}).get("valid", {}),
+      "labels": dict(labels or {}),
+      "deployed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+  tmp = os.path.join(registry, f".{REGISTRY_CURRENT}.{version}.tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+  os.replace(tmp, os.path.join(registry, REGISTRY_CURRENT))
+  with open(os.path.join(registry, REGISTRY_HISTORY), "a", encoding="utf-8") as f:
+    f.write(json.dumps(record, sort_keys=True) + "\n")
+  return record
+
+
+def current(registry: str) -> dict[str, Any]:
+  """The registry's current deployment (``current.json``)."""
+  path = os.path.join(registry, REGISTRY_CURRENT)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"no deployed model in {registry} ({REGISTRY_CURRENT} missing): run the pipeline "
+        "until a model is blessed, or `recml deploy --bundle DIR`")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
