@@ -111,11 +111,11 @@ start() {
 
 stop() {
   local port=${1:?usage: $0 stop PORT}
-  local pidfile="$venv/state/run/$port.pid" pid i
+  local pidfile="$venv/state/run/$port.pid" pid
   [ -f "$pidfile" ] || { echo "bqemulator: nothing started on port $port"; return; }
   pid=$(cat "$pidfile")
   if kill "$pid" 2>/dev/null; then
-    for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
   fi
   rm -f "$pidfile" "$venv/state/run/$port.log"

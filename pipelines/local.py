@@ -60,7 +60,11 @@ def _runner(target: str, mounts: list[str]):
   if target == "local-docker":
     from docker import types  # pylint: disable=g-import-not-at-top
     binds = [types.Mount(target=p, source=p, type="bind") for p in sorted(set(mounts))]
-    return local.DockerRunner(network_mode="host", mounts=binds)
+    # Steps run as the invoking user (as `docker run --user $(id -u):$(id -g)` would), so
+    # what they write into the bind-mounted folders is the user's; HOME is a scratch dir.
+    return local.DockerRunner(network_mode="host", mounts=binds,
+                              user=f"{os.getuid()}:{os.getgid()}",
+                              environment={"HOME": "/tmp"})
   raise ValueError(f"{target!r} is not a local target")
 
 
@@ -92,7 +96,9 @@ def run_local(pipeline_func, parameters: Mapping[str, Any], *, run_id: str, root
   paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
   if REPO_ROOT not in paths:
     os.environ["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, *paths])
-  local.init(runner=_runner(target, [run_dir, *(mounts or [])]), pipeline_root=run_dir,
+  # The whole local root is mounted: the run, the default DuckDB store and the registry.
+  local.init(runner=_runner(target, [os.path.dirname(run_dir), *(mounts or [])]),
+             pipeline_root=run_dir,
              raise_on_error=True)
   try:
     pipeline_func(**parameters)

@@ -16,8 +16,12 @@ import logging
 import sys
 
 
+# The registry's names (trainers.models.MODELS, checked by a test), listed here so that
+# building the CLI parser imports no JAX/Flax: slim images (preprocess, tools) have none.
+MODELS = ("sasrec", "hstu", "hstu-large")
+
+
 def register(subparsers) -> None:
-  from trainers.models import MODELS  # light: no JAX import at module level in models? (see below)
   p = subparsers.add_parser(
       "train", help="train and evaluate a model on a sequence dataset",
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Any
 
+from absl import logging as absl_logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -93,6 +94,7 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
     The content of ``workdir/metrics.json``.
   """
   # ----------------------------------------------------------------- setup
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
   if not config.data_dir:
     raise ValueError("config.data_dir is empty: pass the dataset directory (--data)")
   info = features.load_dataset_info(config.data_dir)

@@ -1,6 +1,5 @@
 """Model behaviour: causality, padding, time bias, logical axis names."""
 
-import dataclasses
 
 import flax.linen as nn
 import jax
