@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -81,6 +82,9 @@ def main() -> int:
   parser.add_argument("--large-epochs", type=int, default=30,
                       help="epochs for hstu-large (4x the cost per epoch)")
   parser.add_argument("--set", dest="extra", action="append", default=[])
+  parser.add_argument("--speed", action="store_true",
+                      help="timing only: short runs evaluated once, speed table only "
+                           "(run on an otherwise idle machine)")
   parser.add_argument("--out", default=os.path.join(ROOT, "workdirs", "bench"))
   parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results",
                                                         "train.md"))
@@ -103,21 +107,28 @@ def main() -> int:
     lines += [f"## {name}", "",
               "| model | epoch | " + " | ".join(COLUMNS) + " |",
               "|---|---|" + "---|" * len(COLUMNS)]
-    pop = evaluate.popularity_baseline(data)
-    lines.append(fmt_row("most popular (test)", "—", pop))
+    if args.speed:
+      lines = lines[:-3]
+    else:
+      pop = evaluate.popularity_baseline(data)
+      lines.append(fmt_row("most popular (test)", "—", pop))
     speed = ["", "| model | epochs run | s/epoch (median) | first epoch s | sequences/s | "
              "eval s | peak RSS GB | wall s |", "|---|---|---|---|---|---|---|---|"]
     for model in args.models:
       epochs = args.large_epochs if model == "hstu-large" else args.epochs
       workdir = os.path.join(args.out, f"{name}-{model}")
       print(f"== {name} {model} ({epochs} epochs) -> {workdir}", flush=True)
-      m = train(model, data, workdir, epochs, args.extra)
-      lines.append(fmt_row(f"{model} (test @ selected)", m["selected_epoch"], m["test"]))
-      lines.append(fmt_row(f"{model} (valid @ selected)", m["selected_epoch"], m["valid"]))
-      lines.append(fmt_row(f"{model} (best test)", "per metric", m["best_test"]))
+      extra = args.extra + ([f"eval_every={epochs + 1}"] if args.speed else [])
+      if args.speed and os.path.exists(workdir):
+        shutil.rmtree(workdir)  # a timing run never resumes
+      m = train(model, data, workdir, epochs, extra)
       ref = REFERENCE.get(model, {})
-      if name == "ml-1m-partial" and "hr@10" in ref:
-        lines.append(fmt_row(f"{model} reference (test @ epoch 39)", 39, ref))
+      if not args.speed:
+        lines.append(fmt_row(f"{model} (test @ selected)", m["selected_epoch"], m["test"]))
+        lines.append(fmt_row(f"{model} (valid @ selected)", m["selected_epoch"], m["valid"]))
+        lines.append(fmt_row(f"{model} (best test)", "per metric", m["best_test"]))
+        if name == "ml-1m-partial" and "hr@10" in ref:
+          lines.append(fmt_row(f"{model} reference (test @ epoch 39)", 39, ref))
       speed.append(f"| {model} | {m['epochs_run']} | {m['seconds_per_epoch']:.2f} | "
                    f"{m['first_epoch_seconds']:.1f} | {m['sequences_per_second']:.0f} | "
                    f"{m['eval_seconds']:.2f} | {m['peak_rss_gb']:.2f} | {m['wall_seconds']:.0f} |")

@@ -89,8 +89,7 @@ start() {
       --grpc-host 127.0.0.1 --grpc-port 0 --project "$project" --ephemeral \
       --log-level warning >"$log" 2>&1 </dev/null &
   echo $! > "$pidfile"
-  local i
-  for i in $(seq 1 300); do
+  for _ in $(seq 1 300); do
     if "$venv/bin/python" -c "import urllib.request, sys; urllib.request.urlopen(sys.argv[1], timeout=1)" \
         "http://127.0.0.1:$port/healthz" 2>/dev/null; then
       echo "bqemulator: ready on http://127.0.0.1:$port (project $project, pid $(cat "$pidfile"))"

@@ -44,6 +44,10 @@ class TrainConfig:
   loss: str = "sampled_softmax"
   num_negatives: int = 128
   temperature: float = 0.05
+  # How a batch's loss is averaged: over its valid positions ("positions"), or summed and
+  # divided by batch_size * max_len ("fixed"), so that every position weighs the same
+  # whatever batch it lands in (length buckets make batches of very different sizes).
+  loss_normalization: str = "fixed"
   # Which positions share a set of negatives: every position draws its own (`position`,
   # the HSTU code: a [B, L, N, D] gather and a batched mat-vec, ~3x the step on CPU),
   # groups of `negative_group` consecutive positions (`group`: batched matmuls),
@@ -81,6 +85,8 @@ class TrainConfig:
         (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
         (self.num_negatives >= 1, f"num_negatives must be >= 1, got {self.num_negatives}"),
         (self.negative_group >= 1, f"negative_group must be >= 1, got {self.negative_group}"),
+        (self.loss_normalization in ("positions", "fixed"),
+         f"loss_normalization must be 'positions' or 'fixed', got {self.loss_normalization!r}"),
         (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
         (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
     ]

@@ -18,7 +18,12 @@ from trainers import features
 _MASKED = -1e9
 
 
-def _weighted_mean(per_position: jax.Array, weights: jax.Array) -> jax.Array:
+def _weighted_mean(per_position: jax.Array, weights: jax.Array,
+                   normalizer: float | None = None) -> jax.Array:
+  """``sum(w * loss) / sum(w)``, or ``/ normalizer`` when given (a constant, so that a
+  position weighs the same whichever batch it falls in, e.g. with length buckets)."""
+  if normalizer is not None:
+    return jnp.sum(per_position * weights) / normalizer
   return jnp.sum(per_position * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
@@ -40,7 +45,7 @@ def sample_negatives(rng: jax.Array, shape_bl: tuple[int, int], num_negatives: i
 
 def sampled_softmax_loss(user: jax.Array, targets: jax.Array, weights: jax.Array,
                          table: jax.Array, negatives: jax.Array,
-                         temperature: float = 0.05) -> jax.Array:
+                         temperature: float = 0.05, normalizer: float | None = None) -> jax.Array:
   """Sampled softmax with the given negatives (see :func:`sample_negatives`).
 
   ``loss = mean_w[ logsumexp([s_pos, s_neg_1..N] / T) - s_pos / T ]`` where
@@ -61,15 +66,15 @@ def sampled_softmax_loss(user: jax.Array, targets: jax.Array, weights: jax.Array
   neg = jnp.where(neg_ids == targets[..., None], _MASKED, neg)
   logits = jnp.concatenate([pos[..., None], neg], axis=-1)
   per_position = jax.nn.logsumexp(logits, axis=-1) - pos
-  return _weighted_mean(per_position, weights)
+  return _weighted_mean(per_position, weights, normalizer)
 
 
 def softmax_loss(user: jax.Array, targets: jax.Array, weights: jax.Array,
                  table: jax.Array, temperature: float = 0.05,
-                 low: int = features.FIRST_ITEM_ID) -> jax.Array:
+                 low: int = features.FIRST_ITEM_ID, normalizer: float | None = None) -> jax.Array:
   """Full softmax cross-entropy over all real items (PAD and OOV columns masked)."""
   logits = jnp.einsum("bld,vd->blv", user, table) / temperature
   logits = logits.at[..., :low].set(_MASKED)
   log_z = jax.nn.logsumexp(logits, axis=-1)
   pos = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return _weighted_mean(log_z - pos, weights)
+  return _weighted_mean(log_z - pos, weights, normalizer)

@@ -54,6 +54,8 @@ def make_optimizer(config: configs.TrainConfig) -> optax.GradientTransformation:
 def make_train_step(model, tx, config: configs.TrainConfig, base_rng: jax.Array):
   """``(state, batch) -> (state, loss)``; randomness is folded from the step number."""
   vocab_size = config.model_config.vocab_size
+  normalizer = (float(config.batch_size * config.model_config.max_len)
+                if config.loss_normalization == "fixed" else None)
 
   def loss_fn(params, batch, rng):
     dropout_rng, negatives_rng = jax.random.split(rng)
@@ -66,12 +68,12 @@ def make_train_step(model, tx, config: configs.TrainConfig, base_rng: jax.Array)
                               rngs={"dropout": dropout_rng})
     if config.loss == "softmax":
       return losses.softmax_loss(user, batch["targets"], batch["weights"], table,
-                                 config.temperature)
+                                 config.temperature, normalizer=normalizer)
     negatives = losses.sample_negatives(negatives_rng, batch["targets"].shape,
                                         config.num_negatives, vocab_size,
                                         config.negative_sharing, config.negative_group)
     return losses.sampled_softmax_loss(user, batch["targets"], batch["weights"], table,
-                                       negatives, config.temperature)
+                                       negatives, config.temperature, normalizer)
 
   def train_step(state, batch):
     rng = jax.random.fold_in(base_rng, state["step"])

@@ -67,3 +67,23 @@ def test_full_softmax_equals_numpy():
   got = losses.softmax_loss(jnp.asarray(user), jnp.asarray(targets), jnp.asarray(weights),
                             jnp.asarray(table), 0.1)
   assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_fixed_normalizer_weighs_positions_equally_across_batches():
+  """With a constant normalizer, a batch's loss is the sum of its positions' losses over it,
+  so two batches of different sizes add up to the loss of their union."""
+  rng = np.random.default_rng(5)
+  user = rng.normal(size=(4, 6, 8)).astype(np.float32)
+  table = rng.normal(size=(12, 8)).astype(np.float32)
+  targets = rng.integers(2, 12, (4, 6))
+  weights = np.ones((4, 6), np.float32)
+  weights[2:, :4] = 0  # the second half of the batch is short
+  negatives = np.asarray(losses.sample_negatives(jax.random.key(2), (4, 6), 5, 12, "group", 2))
+  args = lambda sl: (jnp.asarray(user[sl]), jnp.asarray(targets[sl]), jnp.asarray(weights[sl]),
+                     jnp.asarray(table), jnp.asarray(negatives[sl]), 0.5)
+  whole = losses.sampled_softmax_loss(*args(slice(0, 4)), normalizer=24.0)
+  parts = (losses.sampled_softmax_loss(*args(slice(0, 2)), normalizer=24.0)
+           + losses.sampled_softmax_loss(*args(slice(2, 4)), normalizer=24.0))
+  assert float(whole) == pytest.approx(float(parts), rel=1e-6)
+  mean = losses.sampled_softmax_loss(*args(slice(0, 4)))
+  assert float(whole) == pytest.approx(float(mean) * weights.sum() / 24.0, rel=1e-6)
