@@ -175,7 +175,9 @@ def render_report(result: Mapping[str, Any], log: Sequence[Mapping[str, Any]],
                   for m in HEADLINE if m in test)
   facts = {k: result[k] for k in ("model", "dataset", "selected_epoch", "epochs_run",
                                   "seconds_per_epoch", "sequences_per_second") if k in result}
-  facts_html = "".join(f"<li><b>{esc(k)}</b>: {esc(str(v))}</li>" for k, v in facts.items())
+  def fact(v):
+    return f"{v:,.2f}" if isinstance(v, float) else str(v)
+  facts_html = "".join(f"<li><b>{esc(k)}</b>: {esc(fact(v))}</li>" for k, v in facts.items())
   charts = [
       svg_line_chart({"train loss": _curve(log, "train_loss")}, "Training loss"),
       svg_line_chart({"valid ndcg@10": _curve(log, "valid", "ndcg@10"),
