@@ -105,3 +105,15 @@ def test_length_buckets_only_drop_padding(tmp_path):
   assert rows(got) == rows(plain.batches(epoch=1, seed=3))
   again = list(bucketed.batches(epoch=1, seed=3))
   assert all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(got, again))
+
+
+def test_dataset_name_comes_from_the_source(tmp_path):
+  from trainers.evaluate import dataset_name
+  events = {0: ([2, 3, 4], [1, 2, 3])}
+  for source, want in ((None, "ds"), ({"name": "cyclic"}, "cyclic"),
+                       ({"input": "/data/ml-1m-partial"}, "ml-1m-partial"),
+                       ({"input": "/data/ml-100k/u.data"}, "ml-100k")):
+    out = tmp_path / "ds"
+    features.write_sequence_dataset(str(out), events, item_vocab_size=5, max_len=3,
+                                    source=source)
+    assert dataset_name(str(out)) == want
