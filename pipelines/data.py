@@ -58,11 +58,8 @@ def cache_dir() -> str:
 
 
 def md5sum(path: str) -> str:
-  h = hashlib.md5()
   with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
+    return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def _safe_extract(archive: zipfile.ZipFile, dest: str) -> None:

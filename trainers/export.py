@@ -64,11 +64,8 @@ OUTPUTS = ("scores", "ids")
 
 
 def _sha256(path: str) -> str:
-  h = hashlib.sha256()
   with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _weight_name(i: int) -> str:
@@ -263,9 +260,8 @@ class Bundle:
     return [int(r) for r in raw] if self.meta.get("item_id_type") == "int" else raw
 
 
-def load_bundle(path: str, verify: bool = True) -> Bundle:
-  """Reads a bundle directory; ``verify`` checks every file's sha256 against bundle.json."""
-  from jax import export  # pylint: disable=g-import-not-at-top
+def _read_meta(path: str) -> dict[str, Any]:
+  """bundle.json of a bundle directory, after checking its format and version."""
   meta_path = os.path.join(path, BUNDLE_FILE)
   if not os.path.isfile(meta_path):
     raise BundleError(f"{meta_path} not found: not a serving bundle (run `recml export`?)")
@@ -274,14 +270,25 @@ def load_bundle(path: str, verify: bool = True) -> Bundle:
   if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
     raise BundleError(f"{path}: format {meta.get('format')!r} v{meta.get('format_version')}, "
                       f"expected {FORMAT!r} v{FORMAT_VERSION}")
+  return meta
+
+
+def _check_digests(path: str, meta: dict[str, Any]) -> None:
+  for name, digest in meta.get("sha256", {}).items():
+    file = os.path.join(path, name)
+    if not os.path.isfile(file) or _sha256(file) != digest:
+      raise BundleError(f"{path}: {name} is missing or does not match its sha256")
+
+
+def load_bundle(path: str, verify: bool = True) -> Bundle:
+  """Reads a bundle directory; ``verify`` checks every file's sha256 against bundle.json."""
+  from jax import export  # pylint: disable=g-import-not-at-top
+  meta = _read_meta(path)
   for name in (MODEL_FILE, WEIGHTS_FILE, VOCAB_FILE):
     if not os.path.isfile(os.path.join(path, name)):
       raise BundleError(f"{path}: {name} is missing")
   if verify:
-    for name, digest in meta.get("sha256", {}).items():
-      file = os.path.join(path, name)
-      if not os.path.isfile(file) or _sha256(file) != digest:
-        raise BundleError(f"{path}: {name} is missing or does not match its sha256")
+    _check_digests(path, meta)
   with open(os.path.join(path, MODEL_FILE), "rb") as f:
     exported = export.deserialize(bytearray(f.read()))
   specs = meta["signature"]["weights"]
@@ -370,20 +377,11 @@ REGISTRY_HISTORY = "history.jsonl"
 
 def verify_bundle_files(path: str) -> dict[str, Any]:
   """Checks format and sha256 of every file (no JAX needed); returns bundle.json."""
-  meta_path = os.path.join(path, BUNDLE_FILE)
-  if not os.path.isfile(meta_path):
-    raise BundleError(f"{meta_path} not found: not a serving bundle")
-  with open(meta_path, encoding="utf-8") as f:
-    meta = json.load(f)
-  if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-    raise BundleError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} bundle")
+  meta = _read_meta(path)
   for name in (MODEL_FILE, WEIGHTS_FILE, VOCAB_FILE):
     if name not in meta.get("sha256", {}):
       raise BundleError(f"{path}: bundle.json lists no sha256 for {name}")
-  for name, digest in meta["sha256"].items():
-    file = os.path.join(path, name)
-    if not os.path.isfile(file) or _sha256(file) != digest:
-      raise BundleError(f"{path}: {name} is missing or does not match its sha256")
+  _check_digests(path, meta)
   return meta
 
 
