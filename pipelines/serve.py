@@ -43,11 +43,13 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any, Sequence
 
 import numpy as np
+import orjson
 
 log = logging.getLogger("recml.serve")
 
@@ -75,11 +77,11 @@ class RequestError(ValueError):
 
 @dataclasses.dataclass
 class Row:
-  """One parsed instance, as item indices (oldest first)."""
+  """One parsed instance: ``[n]`` int32 arrays of item indices and times, oldest first."""
 
-  items: list[int]
-  timestamps: list[int]
-  query_timestamps: list[int]
+  items: np.ndarray
+  timestamps: np.ndarray
+  query_timestamps: np.ndarray
   exclude_history: bool
   k: int
 
@@ -89,12 +91,13 @@ class Row:
 # ---------------------------------------------------------------------------
 
 
+_ID_TYPES = frozenset((int, str))
+_NON_JSON_CONSTANT = re.compile(rb"-?\b(?:NaN|Infinity)\b")
+_INT_TYPE = {int}
+
+
 def _is_int(x: Any) -> bool:
   return type(x) is int  # pylint: disable=unidiomatic-typecheck  (bool is an int subclass)
-
-
-def _reject_constant(name: str):
-  raise RequestError(f"body is not valid JSON: {name} is not a JSON number")
 
 
 def _timestamp(value: Any, where: str) -> int:
@@ -108,11 +111,13 @@ def parse_body(body: bytes, bundle, limits: Limits, now: int | None = None) -> l
   """Validates a ``{"instances": [...]}`` body; raises :class:`RequestError` with the reason."""
   if len(body) > limits.max_body_bytes:
     raise RequestError(f"payload too large: {len(body)} bytes > {limits.max_body_bytes}")
-  try:
-    payload = json.loads(body, parse_constant=_reject_constant)
-  except RequestError:
-    raise
-  except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting
+  try:  # strict RFC 8259: NaN/Infinity, bad UTF-8, ints beyond 64 bits, deep nesting fail
+    payload = orjson.loads(body)
+  except orjson.JSONDecodeError as e:
+    constant = _NON_JSON_CONSTANT.search(body)
+    if constant:
+      raise RequestError(f"body is not valid JSON: {constant.group().decode()} is not a JSON "
+                         "number") from None
     raise RequestError(f"body is not valid JSON: {str(e)[:200]}") from None
   if not isinstance(payload, dict):
     raise RequestError('body must be a JSON object {"instances": [...]}')
@@ -172,13 +177,17 @@ def _parse_instance(inst: Any, i: int, bundle, limits: Limits, defaults: dict[st
   if len(items) > bundle.max_len:
     raise RequestError(f"{where}.items has {len(items)} ids; this model takes at most "
                        f"{bundle.max_len} (send the most recent)")
-  for j, raw in enumerate(items):
-    if isinstance(raw, str):
-      if len(raw) > limits.max_id_chars:
-        raise RequestError(f"{where}.items[{j}] is longer than {limits.max_id_chars} characters")
-    elif not _is_int(raw):
-      raise RequestError(f"{where}.items[{j}] must be a string or an integer, "
-                         f"got {json.dumps(raw)[:40]}")
+  kinds = set(map(type, items))
+  if not kinds <= _ID_TYPES or (str in kinds and max(
+      len(r) for r in items if type(r) is str) > limits.max_id_chars):  # pylint: disable=unidiomatic-typecheck
+    for j, raw in enumerate(items):  # the slow path only finds the first bad id
+      if isinstance(raw, str):
+        if len(raw) > limits.max_id_chars:
+          raise RequestError(f"{where}.items[{j}] is longer than {limits.max_id_chars} "
+                             "characters")
+      elif not _is_int(raw):
+        raise RequestError(f"{where}.items[{j}] must be a string or an integer, "
+                           f"got {json.dumps(raw)[:40]}")
   opts = {**defaults, **_options(inst, bundle, where)}
   query = now
   if "query_timestamp" in inst:
@@ -188,20 +197,30 @@ def _parse_instance(inst: Any, i: int, bundle, limits: Limits, defaults: dict[st
     if not isinstance(ts, list) or len(ts) != len(items):
       raise RequestError(f"{where}.timestamps must be a list of {len(items)} integers "
                          "(one per item)")
-    ts = [_timestamp(t, f"{where}.timestamps[{j}]") for j, t in enumerate(ts)]
+    if not (set(map(type, ts)) == _INT_TYPE and 0 <= min(ts) and max(ts) <= INT32_MAX):
+      ts = [_timestamp(t, f"{where}.timestamps[{j}]") for j, t in enumerate(ts)]
+    ts = np.array(ts, np.int32)
   else:
-    ts = [query] * len(items)
-  return Row(items=bundle.lookup(items), timestamps=ts, query_timestamps=ts[1:] + [query],
-             exclude_history=opts["exclude_history"], k=opts["k"])
+    ts = np.full(len(items), query, np.int32)
+  qts = np.empty_like(ts)
+  qts[:-1], qts[-1] = ts[1:], query
+  return Row(items=np.array(bundle.lookup(items), np.int32), timestamps=ts,
+             query_timestamps=qts, exclude_history=opts["exclude_history"], k=opts["k"])
 
 
-def encode(rows: Sequence[Row], length: int) -> tuple[np.ndarray, ...]:
-  """Rows -> the exported function's four ``[n, length]`` int32 inputs."""
-  from trainers import export  # pylint: disable=g-import-not-at-top
-  items = export.right_align([r.items for r in rows], length)
-  ts = export.right_align([r.timestamps for r in rows], length)
-  qts = export.right_align([r.query_timestamps for r in rows], length)
-  exclude = items * np.array([[r.exclude_history] for r in rows], np.int32)
+def encode(rows: Sequence[Row], length: int, size: int | None = None
+           ) -> tuple[np.ndarray, ...]:
+  """Rows -> the exported function's four ``[size, length]`` int32 inputs (size >= rows;
+  extra rows are padding), right-aligned; histories longer than ``length`` keep their end."""
+  size = len(rows) if size is None else size
+  items, ts, qts, exclude = (np.zeros((size, length), np.int32) for _ in range(4))
+  for r, row in enumerate(rows):
+    n = min(len(row.items), length)
+    items[r, length - n:] = row.items[-n:]
+    ts[r, length - n:] = row.timestamps[-n:]
+    qts[r, length - n:] = row.query_timestamps[-n:]
+    if row.exclude_history:
+      exclude[r] = items[r]
   return items, ts, qts, exclude
 
 
@@ -209,6 +228,25 @@ def prediction(bundle, row: Row, scores: np.ndarray, ids: np.ndarray) -> dict[st
   keep = np.isfinite(scores[:row.k])
   return {"items": bundle.raw_ids(ids[:row.k][keep]),
           "scores": [float(s) for s in scores[:row.k][keep]]}
+
+
+def run_rows(predictor, rows: Sequence[Row]) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Scores rows with one device call per length bucket; results in the rows' order.
+
+  Rows are grouped by the length bucket of their own history, so a short history is not
+  padded to the longest one in the batch (a call's cost grows with its padded length;
+  on CPU, SASRec at batch 32 costs 0.09 ms per row at length 32 and 0.53 ms at 200).
+  """
+  groups: dict[int, list[int]] = {}
+  for j, row in enumerate(rows):
+    groups.setdefault(predictor.length(len(row.items)), []).append(j)
+  out: list[Any] = [None] * len(rows)
+  for length, members in predictor.plan(groups):
+    scores, ids = predictor.run(*encode([rows[j] for j in members], length,
+                                        predictor.bucket(len(members))))
+    for n, j in enumerate(members):
+      out[j] = (scores[n], ids[n])
+  return out
 
 
 # ---------------------------------------------------------------------------
@@ -243,8 +281,8 @@ class Batcher:
       self.queue.put_nowait((row, fut))
     return list(await asyncio.gather(*futures))
 
-  def _run(self, rows: list[Row]):
-    return self.predictor.run(*encode(rows, self.predictor.bundle.max_len))
+  def _run(self, rows: list[Row]) -> list[tuple[np.ndarray, np.ndarray]]:
+    return run_rows(self.predictor, rows)
 
   async def _work(self) -> None:
     loop = asyncio.get_running_loop()
@@ -258,8 +296,7 @@ class Batcher:
         continue
       try:
         started = time.perf_counter()
-        scores, ids = await loop.run_in_executor(self.executor, self._run,
-                                                 [r for r, _ in batch])
+        results = await loop.run_in_executor(self.executor, self._run, [r for r, _ in batch])
         self.device_seconds += time.perf_counter() - started
       except Exception as e:  # pylint: disable=broad-except
         log.exception("batch of %d failed", len(batch))
@@ -269,9 +306,9 @@ class Batcher:
         continue
       self.batches += 1
       self.rows += len(batch)
-      for j, (_, fut) in enumerate(batch):
+      for (_, fut), result in zip(batch, results):
         if not fut.done():
-          fut.set_result((scores[j], ids[j]))
+          fut.set_result(result)
 
 
 # ---------------------------------------------------------------------------
@@ -287,7 +324,8 @@ def routes_from_env(environ=os.environ) -> tuple[int, str, str]:
 
 def make_app(bundle_dir: str, *, health_route: str = DEFAULT_HEALTH_ROUTE,
              predict_route: str = DEFAULT_PREDICT_ROUTE, limits: Limits = Limits(),
-             buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), naive: bool = False):
+             buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+             length_buckets: Sequence[int] | None = None, naive: bool = False):
   """The server: loads and warms up the bundle in the background, then answers."""
   from aiohttp import web  # pylint: disable=g-import-not-at-top
   state: dict[str, Any] = {"ready": False, "error": None}
@@ -297,10 +335,11 @@ def make_app(bundle_dir: str, *, health_route: str = DEFAULT_HEALTH_ROUTE,
     from trainers import export  # pylint: disable=g-import-not-at-top
     started = time.time()
     bundle = export.load_bundle(bundle_dir)
-    predictor = export.Predictor(bundle, (1,) if naive else buckets)
+    predictor = export.Predictor(bundle, (1,) if naive else buckets, length_buckets)
     predictor.warmup()
-    log.info("bundle %s (%s) compiled for batches %s and warmed up in %.1fs", bundle_dir,
-             bundle.meta.get("model"), predictor.buckets, time.time() - started)
+    log.info("bundle %s (%s) compiled for batches %s x lengths %s and warmed up in %.1fs",
+             bundle_dir, bundle.meta.get("model"), predictor.buckets,
+             predictor.length_buckets, time.time() - started)
     return bundle, predictor
 
   async def startup(app_):
@@ -343,6 +382,7 @@ def make_app(bundle_dir: str, *, health_route: str = DEFAULT_HEALTH_ROUTE,
             "platforms")
     out = {k: meta.get(k) for k in keys}
     out["buckets"] = list(state["predictor"].buckets)
+    out["length_buckets"] = list(state["predictor"].length_buckets)
     if "batcher" in state:
       batcher = state["batcher"]
       out.update(batches=batcher.batches, rows=batcher.rows,
@@ -364,16 +404,13 @@ def make_app(bundle_dir: str, *, health_route: str = DEFAULT_HEALTH_ROUTE,
       rows = parse_body(body, bundle, limits)
     except RequestError as e:
       return error(400, str(e))
-    if naive:
-      predictor = state["predictor"]
-      results = []
-      for row in rows:
-        scores, ids = predictor.run(*encode([row], bundle.max_len))
-        results.append((scores[0], ids[0]))
+    if naive:  # one instance at a time, on the event loop
+      results = [run_rows(state["predictor"], [row])[0] for row in rows]
     else:
       results = await state["batcher"].predict(rows)
-    return web.json_response(
-        {"predictions": [prediction(bundle, r, s, i) for r, (s, i) in zip(rows, results)]})
+    return web.Response(body=orjson.dumps(
+        {"predictions": [prediction(bundle, r, s, i) for r, (s, i) in zip(rows, results)]}),
+                        content_type="application/json")
 
   app.router.add_get(health_route, health)
   app.router.add_get("/v1/metadata", metadata)
@@ -449,6 +486,9 @@ def register(subparsers) -> None:
                  "else 127.0.0.1")
   p.add_argument("--max-batch", type=int, default=64,
                  help="largest micro-batch (buckets are powers of two up to it)")
+  p.add_argument("--length-buckets", type=_int_list, metavar="N,N,...",
+                 help="padded history lengths, one compiled shape each (default: powers of "
+                 "two from 32 below max_len, then max_len)")
   p.add_argument("--max-instances", type=int, default=Limits.max_instances)
   p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
   p.add_argument("--cpu-threads", type=int, default=1,
@@ -478,6 +518,16 @@ def register(subparsers) -> None:
   p.set_defaults(func=cmd_deploy)
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+  try:
+    values = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+  if not values or min(values) < 1:
+    raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+  return values
+
+
 def _buckets(max_batch: int) -> tuple[int, ...]:
   out, b = [], 1
   while b < max_batch:
@@ -503,10 +553,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                "=false intra_op_parallelism_threads=1").strip()
   limits = Limits(max_body_bytes=args.max_body_bytes, max_instances=args.max_instances)
   app = make_app(bundle, health_route=health_route, predict_route=predict_route,
-                 limits=limits, buckets=_buckets(args.max_batch), naive=args.naive)
+                 limits=limits, buckets=_buckets(args.max_batch),
+                 length_buckets=args.length_buckets, naive=args.naive)
   print(f"serving {bundle} on http://{host}:{port} (health {health_route}, predict "
         f"{predict_route}{', naive' if args.naive else ''})", flush=True)
-  web.run_app(app, host=host, port=port, print=None, access_log=None)
+  import uvloop  # pylint: disable=g-import-not-at-top
+  web.run_app(app, host=host, port=port, print=None, access_log=None,
+              loop=uvloop.new_event_loop())
   return 0
 
 

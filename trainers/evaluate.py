@@ -25,7 +25,8 @@ def make_score_fn(model) -> Callable[[Any, Batch], jax.Array]:
 
   def score(params, batch):
     def fwd(m, b):
-      user = m(b["history"], b["timestamps"], b["query_timestamps"], deterministic=True)
+      user = m(b["history"], b["timestamps"], b["query_timestamps"], deterministic=True,
+               last_only=True)
       return user[:, -1], m.all_candidates()
     user, table = model.apply({"params": params}, batch, method=fwd)
     return user @ table.T

@@ -5,7 +5,8 @@ with scores". It is a directory of data files only (no pickle, no Python)::
 
     bundle.json        format, model, shapes (max_len, max_k, vocab), signature, weight
                        names/shapes, sha256 of every file, provenance (workdir, metrics)
-    model.stablehlo    ``jax.export`` artifact (serialised StableHLO, symbolic batch ``b``)
+    model.stablehlo    ``jax.export`` artifact (serialised StableHLO, symbolic batch ``b``
+                       and history length ``l <= max_len``)
     weights.npz        the parameters as a flat list w000, w001, ... (read with
                        ``allow_pickle=False``)
     vocab/items.txt    raw item id per line, line i = index i (0 = <pad>, 1 = <oov>)
@@ -13,12 +14,16 @@ with scores". It is a directory of data files only (no pickle, no Python)::
     dataset_info.json  the dataset's vocabulary sizes and counts (reference only)
 
 The exported function is the trainer's scoring (:func:`trainers.evaluate.make_score_fn`:
-user vector at the last history position . item table^T) followed, on device, by the
-exclusion of PAD/OOV and of the given history ids, and ``lax.top_k``::
+user vector at the last history position . item table^T, the final block run for that
+position only) followed, on device, by the exclusion of PAD/OOV and of the given history
+ids, and ``lax.top_k``::
 
-    serve(weights, item_ids[b, L] i32, timestamps[b, L] i32, query_timestamps[b, L] i32,
-          exclude_ids[b, L] i32) -> (scores[b, K] f32, ids[b, K] i32)
+    serve(weights, item_ids[b, l] i32, timestamps[b, l] i32, query_timestamps[b, l] i32,
+          exclude_ids[b, l] i32) -> (scores[b, K] f32, ids[b, K] i32)
 
+Both ``b`` and ``l`` are symbolic: a caller picks the padded shape per call, and a short
+history runs short (positions are right-aligned and HSTU's attention scale is the fixed
+``max_len``, so trimming left padding leaves the scores unchanged; tested).
 Sequences are right-aligned (left padding with 0, last column = most recent item);
 ``query_timestamps[:, i]`` is the time at which position i's prediction is made (the
 next item's timestamp, and for the last column the request time), as in training.
@@ -43,6 +48,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -50,7 +56,9 @@ import numpy as np
 from trainers import features
 
 FORMAT = "recml-serving-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this code loads: 1 had a fixed history length (max_len), 2 a symbolic one.
+LOADABLE_VERSIONS = (1, 2)
 BUNDLE_FILE = "bundle.json"
 MODEL_FILE = "model.stablehlo"
 WEIGHTS_FILE = "weights.npz"
@@ -108,13 +116,13 @@ def serving_function(model, max_k: int):
 
 def export_model(model, params, max_len: int, max_k: int,
                  platforms: Sequence[str] = PLATFORMS):
-  """The ``jax.export.Exported`` of the serving function, batch dimension symbolic."""
+  """The ``jax.export.Exported`` of the serving function; batch and length symbolic."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax import export  # pylint: disable=g-import-not-at-top
   leaves, treedef = jax.tree.flatten(params)
   fn = serving_function(model, max_k)(treedef)
-  (b,) = export.symbolic_shape("b")
-  seq = jax.ShapeDtypeStruct((b, max_len), np.int32)
+  b, length = export.symbolic_shape("b, l", constraints=[f"l <= {int(max_len)}"])
+  seq = jax.ShapeDtypeStruct((b, length), np.int32)
   weights = tuple(jax.ShapeDtypeStruct(np.shape(w), np.asarray(w).dtype) for w in leaves)
   exported = export.export(jax.jit(fn), platforms=tuple(platforms))(weights, seq, seq, seq, seq)
   return exported, leaves, treedef
@@ -199,7 +207,7 @@ def export_bundle(workdir: str, out_dir: str, data_dir: str | None = None,
       "item_id_type": _item_id_type(vocab),
       "platforms": list(exported.platforms),
       "signature": {
-          "inputs": {n: {"shape": ["b", max_len], "dtype": "int32"} for n in INPUTS},
+          "inputs": {n: {"shape": ["b", "l"], "dtype": "int32"} for n in INPUTS},
           "weights": [{"name": _weight_name(i), "path": p, "shape": list(np.shape(w)),
                        "dtype": str(np.asarray(w).dtype)}
                       for i, (p, w) in enumerate(zip(paths, leaves))],
@@ -240,7 +248,8 @@ class Bundle:
   exported: Any                 # jax.export.Exported
   weights: tuple[np.ndarray, ...]
   vocab: list[str]
-  index: dict[str, int]         # raw id -> item index (admitted items only)
+  index: dict[Any, int]         # raw id -> item index (admitted items only); canonical
+                                # integer ids are keyed by both their str and int form
 
   @property
   def max_len(self) -> int:
@@ -251,8 +260,9 @@ class Bundle:
     return int(self.meta["max_k"])
 
   def lookup(self, raw_ids: Sequence[Any]) -> list[int]:
-    """Raw ids (str or int) -> item indices; unknown ids map to OOV."""
-    return [self.index.get(str(r), features.OOV_ID) for r in raw_ids]
+    """Raw ids (str or int, not bool or float) -> item indices; unknown ids map to OOV."""
+    get = self.index.get
+    return [get(r, features.OOV_ID) for r in raw_ids]
 
   def raw_ids(self, indices: Sequence[int]) -> list[Any]:
     """Item indices -> raw ids (ints when the vocabulary is all integers)."""
@@ -267,9 +277,9 @@ def _read_meta(path: str) -> dict[str, Any]:
     raise BundleError(f"{meta_path} not found: not a serving bundle (run `recml export`?)")
   with open(meta_path, encoding="utf-8") as f:
     meta = json.load(f)
-  if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+  if meta.get("format") != FORMAT or meta.get("format_version") not in LOADABLE_VERSIONS:
     raise BundleError(f"{path}: format {meta.get('format')!r} v{meta.get('format_version')}, "
-                      f"expected {FORMAT!r} v{FORMAT_VERSION}")
+                      f"expected {FORMAT!r} v{'/'.join(map(str, LOADABLE_VERSIONS))}")
   return meta
 
 
@@ -302,7 +312,11 @@ def load_bundle(path: str, verify: bool = True) -> Bundle:
   if len(vocab) != int(meta["item_vocab_size"]):
     raise BundleError(f"{path}: {VOCAB_FILE} has {len(vocab)} ids, bundle.json says "
                       f"{meta['item_vocab_size']}")
-  index = {raw: i for i, raw in enumerate(vocab) if i >= features.FIRST_ITEM_ID}
+  index: dict[Any, int] = {}
+  for i, raw in enumerate(vocab[features.FIRST_ITEM_ID:], features.FIRST_ITEM_ID):
+    index[raw] = i
+    if raw.lstrip("-").isdigit() and str(int(raw)) == raw:  # JSON integers find "123"
+      index[int(raw)] = i
   return Bundle(path=os.path.abspath(path), meta=meta, exported=exported, weights=weights,
                 vocab=vocab, index=index)
 
@@ -317,33 +331,68 @@ def right_align(rows: Sequence[Sequence[int]], length: int, out: np.ndarray | No
   return arr
 
 
-class Predictor:
-  """Runs a bundle on the default device, batches padded to fixed bucket sizes.
+def default_length_buckets(max_len: int) -> tuple[int, ...]:
+  """Powers of two from 32 below ``max_len``, then ``max_len``: 32, 64, 128, 200."""
+  out, length = [], 32
+  while length < max_len:
+    out.append(length)
+    length *= 2
+  return tuple(out + [max_len])
 
-  ``jax.jit(exported.call)`` compiles once per bucket (``warmup`` does all of them), so
-  serving never recompiles: a batch of n rows runs in the smallest bucket >= n.
+
+def _smallest_at_least(buckets: Sequence[int], n: int, what: str) -> int:
+  for b in buckets:
+    if b >= n:
+      return b
+  raise ValueError(f"{what} {n} exceeds the largest bucket {buckets[-1]}")
+
+
+class Predictor:
+  """Runs a bundle on the default device, calls padded to fixed (batch, length) buckets.
+
+  ``jax.jit(exported.call)`` compiles once per (batch bucket, length bucket) pair
+  (``warmup`` does all of them), so serving never recompiles: n rows whose longest history
+  has m items run as ``[smallest batch bucket >= n, smallest length bucket >= m]``.
+  A version-1 bundle (fixed length) has the single length bucket ``max_len``.
   """
 
-  def __init__(self, bundle: Bundle, buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)):
+  def __init__(self, bundle: Bundle, buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+               length_buckets: Sequence[int] | None = None):
     import jax  # pylint: disable=g-import-not-at-top
     self.bundle = bundle
     self.buckets = tuple(sorted(set(int(b) for b in buckets)))
     if not self.buckets or self.buckets[0] < 1:
       raise ValueError(f"bad buckets {buckets}")
     self.max_batch = self.buckets[-1]
+    fixed = bundle.exported.in_avals[-1].shape[-1]
+    if isinstance(fixed, int):  # a version-1 bundle
+      self.length_buckets = (fixed,)
+    else:
+      lengths = length_buckets or default_length_buckets(bundle.max_len)
+      self.length_buckets = tuple(sorted({min(int(n), bundle.max_len) for n in lengths}
+                                         | {bundle.max_len}))
+      if self.length_buckets[0] < 1:
+        raise ValueError(f"bad length buckets {length_buckets}")
     self._weights = tuple(jax.device_put(w) for w in bundle.weights)
     self._call = jax.jit(bundle.exported.call)
+    # seconds per call of each (batch bucket, length bucket), measured by warmup()
+    self.cost: dict[tuple[int, int], float] = {}
 
   def bucket(self, n: int) -> int:
-    for b in self.buckets:
-      if b >= n:
-        return b
-    raise ValueError(f"batch of {n} rows exceeds the largest bucket {self.max_batch}")
+    return _smallest_at_least(self.buckets, n, "batch of")
+
+  def length(self, n_items: int) -> int:
+    """The padded length for a history of ``n_items`` (at most ``max_len``)."""
+    return _smallest_at_least(self.length_buckets, max(1, n_items), "history of")
 
   def run(self, item_ids: np.ndarray, timestamps: np.ndarray, query_timestamps: np.ndarray,
           exclude_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``[n, L]`` int32 inputs (n <= max_batch) -> ``(scores [n, K], ids [n, K])``."""
-    n = item_ids.shape[0]
+    """``[n, L]`` int32 inputs (n <= max_batch, L a length bucket) -> ``(scores [n, K],
+    ids [n, K])``."""
+    n, length = item_ids.shape
+    if length not in self.length_buckets:
+      raise ValueError(f"length {length} is not one of the length buckets "
+                       f"{self.length_buckets}")
     size = self.bucket(n)
     args = [item_ids, timestamps, query_timestamps, exclude_ids]
     if size != n:
@@ -351,12 +400,49 @@ class Predictor:
     scores, ids = self._call(self._weights, *args)
     return np.asarray(scores)[:n], np.asarray(ids)[:n]
 
-  def warmup(self) -> None:
-    length = self.bundle.max_len
-    for size in self.buckets:
-      z = np.zeros((size, length), np.int32)
-      z[:, -1] = features.OOV_ID
-      self.run(z, z, z, z)
+  def plan(self, groups: dict[int, list[Any]]) -> list[tuple[int, list[Any]]]:
+    """Which calls to make for rows grouped by length bucket: ``[(length, rows), ...]``.
+
+    Adjacent groups (by length) merge into one call at the longer length when the
+    measured cost says one bigger call is cheaper than two small ones (the fixed cost of
+    a call against the extra padding). Without measurements every group is its own call.
+    """
+    lengths = sorted(groups)
+    if len(lengths) < 2 or not self.cost:
+      return [(n, groups[n]) for n in lengths]
+    def cost(i: int, j: int) -> float:  # one call for groups i..j-1
+      rows = sum(len(groups[n]) for n in lengths[i:j])
+      if rows > self.max_batch:
+        return float("inf")
+      return self.cost.get((self.bucket(rows), lengths[j - 1]), float("inf"))
+    best = [0.0] + [float("inf")] * len(lengths)
+    cut = [0] * (len(lengths) + 1)
+    for j in range(1, len(lengths) + 1):
+      for i in range(j):
+        c = best[i] + cost(i, j)
+        if c < best[j]:
+          best[j], cut[j] = c, i
+    calls, j = [], len(lengths)
+    while j > 0:
+      i = cut[j]
+      calls.append((lengths[j - 1], [r for n in lengths[i:j] for r in groups[n]]))
+      j = i
+    return calls[::-1]
+
+  def warmup(self, repeats: int = 3) -> None:
+    """Compiles every (batch, length) bucket and measures its cost (fastest of
+    ``repeats`` calls), which :meth:`plan` uses."""
+    for length in self.length_buckets:
+      for size in self.buckets:
+        z = np.zeros((size, length), np.int32)
+        z[:, -1] = features.OOV_ID
+        self.run(z, z, z, z)
+        times = []
+        for _ in range(repeats):
+          started = time.perf_counter()
+          self.run(z, z, z, z)
+          times.append(time.perf_counter() - started)
+        self.cost[(size, length)] = min(times)
 
 
 # ---------------------------------------------------------------------------

@@ -87,7 +87,9 @@ class Server:
     self.port = free_port()
     self.url = f"http://127.0.0.1:{self.port}"
     self.loop = asyncio.new_event_loop()
-    self.app = serve.make_app(bundle, **{"buckets": (1, 2, 4, 8), **kwargs})
+    # three length buckets (the bundles' max_len is 12): short histories run short
+    self.app = serve.make_app(bundle, **{"buckets": (1, 2, 4, 8), "length_buckets": (4, 8),
+                                         **kwargs})
     self.runner = web.AppRunner(self.app)
     self.loop.run_until_complete(self.runner.setup())
     self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())

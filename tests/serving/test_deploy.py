@@ -29,11 +29,12 @@ def test_bundle_is_data_only(bundles):
   assert meta["max_len"] == 12 and meta["max_k"] == 20 and meta["item_id_type"] == "int"
   assert set(meta["sha256"]) >= {export.MODEL_FILE, export.WEIGHTS_FILE, export.VOCAB_FILE,
                                  "config.json", "dataset_info.json"}
-  assert meta["signature"]["inputs"]["item_ids"] == {"shape": ["b", 12], "dtype": "int32"}
+  assert meta["signature"]["inputs"]["item_ids"] == {"shape": ["b", "l"], "dtype": "int32"}
+  assert meta["format_version"] == 2
   with np.load(os.path.join(path, export.WEIGHTS_FILE), allow_pickle=False) as npz:
     assert len(npz.files) == len(meta["signature"]["weights"])
   bundle = export.load_bundle(path)
-  assert "b" in str(bundle.exported.in_avals[-1].shape[0])  # symbolic batch
+  assert [str(d) for d in bundle.exported.in_avals[-1].shape] == ["b", "l"]  # both symbolic
   assert bundle.lookup([1000, "1007", "nope", "<pad>", "<oov>"]) == [2, 3, 1, 1, 1]
 
 
@@ -47,6 +48,41 @@ def test_predictor_runs_every_bucket_without_recompiling(bundles):
   assert scores.shape == (3, 20) and ids.dtype == np.int32
   assert not set(ids.ravel()) & {0, 1, 2, 3, 4}  # PAD, OOV and the history excluded
   assert predictor._call._cache_size() == compiled  # pylint: disable=protected-access
+
+
+def test_length_buckets_and_merged_calls_give_the_same_scores(bundles):
+  """A history scores the same padded to its length bucket, to max_len, alone or in a
+  call merged with other length groups by the cost plan."""
+  bundle = export.load_bundle(bundles["hstu"])
+  predictor = export.Predictor(bundle, (1, 2, 4, 8), (3, 6))
+  assert predictor.length_buckets == (3, 6, 12)
+  predictor.warmup()
+  assert set(predictor.cost) == {(b, n) for b in (1, 2, 4, 8) for n in (3, 6, 12)}
+  rng = np.random.default_rng(0)
+  histories = [rng.integers(2, bundle.meta["item_vocab_size"], n).tolist()
+               for n in (1, 3, 4, 6, 7, 12, 2, 9)]
+  times = [sorted(rng.integers(10**9, 10**9 + 10**6, len(h)).tolist()) for h in histories]
+
+  def one(items, ts, length):
+    x = export.right_align([items], length)
+    t = export.right_align([ts], length)
+    q = export.right_align([ts[1:] + [ts[-1] + 60]], length)
+    return predictor.run(x, t, q, x)
+
+  for items, ts in zip(histories, times):
+    full_scores, full_ids = one(items, ts, 12)
+    scores, ids = one(items, ts, predictor.length(len(items)))
+    np.testing.assert_allclose(scores, full_scores, rtol=1e-5, atol=1e-6)
+    assert (ids == full_ids).mean() > 0.9  # ties at float32 noise may swap
+  groups = {3: [0, 1], 6: [2, 3], 12: [4]}
+  plan = predictor.plan(groups)
+  assert sorted(r for _, rows in plan for r in rows) == [0, 1, 2, 3, 4]
+  assert all(length >= max(n for n, rows in groups.items() if r in rows)
+             for length, members in plan for r in members)
+  predictor.cost = {(b, n): float(b * n) for b, n in predictor.cost}
+  assert predictor.plan(groups) == [(3, [0, 1]), (6, [2, 3]), (12, [4])]  # padding costs
+  predictor.cost = {k: 10.0 for k in predictor.cost}
+  assert predictor.plan(groups) == [(12, [0, 1, 2, 3, 4])]  # fixed cost only: one call
 
 
 def test_tampered_bundle_is_rejected(bundles, tmp_path):

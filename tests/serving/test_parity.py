@@ -1,4 +1,8 @@
-"""Scores served over HTTP equal the trainer's scores for the same histories."""
+"""Scores served over HTTP equal the trainer's scores for the same histories.
+
+The reference is the training forward pass (every position, padded to max_len); the server
+runs the exported scoring path (final block for the last position only, histories padded
+only to their length bucket, several length groups per micro-batch)."""
 
 import jax
 import numpy as np
@@ -16,7 +20,16 @@ def test_served_scores_equal_trainer_scores(name, trained, dataset, servers):
   config, model, params, _ = evaluate.load_model(trained[name])
   vocab = features.load_item_vocab(dataset)
   batch = next(SequenceData(dataset, features.VALID, 64, config.model_config.max_len).batches())
-  scores = np.asarray(jax.jit(evaluate.make_score_fn(model))(params, batch))
+
+  def full_forward_scores(params, batch):  # the training forward: every position, max_len
+    def fwd(m):
+      user = m(batch["history"], batch["timestamps"], batch["query_timestamps"])
+      return user[:, -1] @ m.all_candidates().T
+    return model.apply({"params": params}, method=fwd)
+  scores = np.asarray(jax.jit(full_forward_scores)(params, batch))
+  lengths = (batch["history"] != features.PAD_ID).sum(1)
+  assert {1, 2} & set(lengths) or min(lengths) <= 4  # short and ...
+  assert max(lengths) > 8                              # ... long histories (length buckets)
 
   instances, expected = [], []
   for row in range(len(batch["target"])):

@@ -53,6 +53,31 @@ def test_padding_outputs_zero_and_outputs_unit_length(name):
   np.testing.assert_allclose(norms, 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_last_only_equals_last_position_of_the_full_output(name):
+  """The scoring/serving path (final block for the last query only) is the same model."""
+  cfg, model, params, _ = _init(name)
+  ids, ts, qts = _batch(cfg)
+  full = np.asarray(model.apply({"params": params}, ids, ts, qts))
+  last = np.asarray(model.apply({"params": params}, ids, ts, qts, last_only=True))
+  assert last.shape == (3, 1, full.shape[-1])
+  np.testing.assert_allclose(last[:, 0], full[:, -1], atol=2e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_left_padding_can_be_trimmed(name):
+  """Right-aligned positions and a fixed attention scale: a history scores the same in any
+  padded length >= its own, which is what lets serving run short histories short."""
+  cfg, model, params, _ = _init(name)
+  ids, ts, qts = _batch(cfg)
+  ids[:, :cfg.max_len // 2] = 0
+  full = np.asarray(model.apply({"params": params}, ids, ts, qts, last_only=True))
+  cut = slice(cfg.max_len // 2, None)
+  short = np.asarray(model.apply({"params": params}, ids[:, cut], ts[:, cut], qts[:, cut],
+                                 last_only=True))
+  np.testing.assert_allclose(short, full, atol=2e-6)
+
+
 def test_hstu_time_bias_uses_query_times_and_buckets_logarithmically():
   b = hstu.time_buckets(jnp.array([0, 1, 2, 10, 1000, -1000, 10**9]), 128, 0.301)
   assert list(np.asarray(b)) == [0, 0, 2, 7, 22, 22, 68]

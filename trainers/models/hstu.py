@@ -83,7 +83,8 @@ class HSTUBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array, rab: jax.Array,
-               deterministic: bool) -> jax.Array:
+               deterministic: bool, last_only: bool = False) -> jax.Array:
+    """``[B, L, D]`` -> ``[B, L, D]``; with ``last_only`` ``[B, 1, D]`` (last query only)."""
     c = self.config
     b, length, _ = x.shape
     h, dqk, dv = c.num_heads, c.attention_dim, c.linear_dim
@@ -93,7 +94,10 @@ class HSTUBlock(nn.Module):
                         name="uvqk")(normed)
     uvqk = nn.silu(uvqk)
     u, v, q, k = jnp.split(uvqk, [h * dv, 2 * h * dv, 2 * h * dv + h * dqk], axis=-1)
-    q = q.reshape(b, length, h, dqk)
+    if last_only:
+      x, u, q, rab, mask = x[:, -1:], u[:, -1:], q[:, -1:], rab[:, -1:], mask[:, :, -1:]
+    queries = q.shape[1]
+    q = q.reshape(b, queries, h, dqk)
     k = k.reshape(b, length, h, dqk)
     v = v.reshape(b, length, h, dv)
     scores = jnp.einsum("bihd,bjhd->bhij", q, k) + rab[:, None]
@@ -101,7 +105,7 @@ class HSTUBlock(nn.Module):
     # depend on how a batch was padded (length buckets, serving batch shapes).
     attn = nn.silu(scores) / c.max_len * mask
     attn = layers.Dropout(c.attention_dropout)(attn, deterministic)
-    out = jnp.einsum("bhij,bjhd->bihd", attn, v).reshape(b, length, h * dv)
+    out = jnp.einsum("bhij,bjhd->bihd", attn, v).reshape(b, queries, h * dv)
     out = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False)(out)
     out = layers.Dropout(c.dropout)(u * out, deterministic)
     return x + layers.dense(c.embedding_dim, (layers.MLP, layers.EMBED), name="out")(out)
@@ -123,14 +127,23 @@ class HSTU(nn.Module):
 
   def __call__(self, item_ids: jax.Array, timestamps: jax.Array | None = None,
                query_timestamps: jax.Array | None = None, *,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, last_only: bool = False) -> jax.Array:
+    """``[B, L]`` ids -> ``[B, L, D]``; with ``last_only``, ``[B, 1, D]`` for position L-1.
+
+    ``last_only`` (scoring and serving) runs the final block for the last query only:
+    the same numbers as ``[:, -1:]`` of the full output.
+    """
     c = self.config
     x, valid = layers.embed_sequence(self.item_embedding, self.position_embedding,
                                      self.input_dropout, item_ids, deterministic)
     mask = layers.causal_mask(valid).astype(x.dtype)
     rab = self.relative_bias(timestamps, query_timestamps, item_ids.shape[-1])
-    for block in self.blocks:
-      x = block(x, mask, rab, deterministic) * valid[..., None]
+    for i, block in enumerate(self.blocks):
+      last = last_only and i == len(self.blocks) - 1
+      x = block(x, mask, rab, deterministic, last_only=last)
+      x = x * valid[:, -x.shape[1]:, None]
+    if last_only:
+      x = x[:, -1:]
     return layers.l2_normalize(x) if c.l2_normalize else x
 
   def candidates(self, ids: jax.Array) -> jax.Array:

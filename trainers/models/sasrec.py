@@ -31,21 +31,27 @@ class SASRecConfig:
 
 
 class CausalSelfAttention(nn.Module):
-  """Multi-head softmax attention; ``mask`` is ``[B, 1, L, L]`` (True = may attend)."""
+  """Multi-head softmax attention; ``mask`` is ``[B, 1, L, L]`` (True = may attend).
+
+  With ``last_only`` only the last position queries (keys and values stay ``L`` long)
+  and the output is ``[B, 1, D]``.
+  """
 
   config: SASRecConfig
 
   @nn.compact
-  def __call__(self, x, mask, deterministic: bool):
+  def __call__(self, x, mask, deterministic: bool, last_only: bool = False):
     c = self.config
     b, length, d = x.shape
     h = c.num_heads
     qkv = layers.dense(3 * d, (layers.EMBED, layers.HEADS), name="qkv")(x)
     q, k, v = (t.reshape(b, length, h, d // h) for t in jnp.split(qkv, 3, axis=-1))
+    if last_only:
+      q, mask = q[:, -1:], mask[:, :, -1:]
     logits = jnp.einsum("bihd,bjhd->bhij", q, k) / jnp.sqrt(float(d // h))
     logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     weights = layers.Dropout(c.dropout)(jax.nn.softmax(logits, axis=-1), deterministic)
-    out = jnp.einsum("bhij,bjhd->bihd", weights, v).reshape(b, length, d)
+    out = jnp.einsum("bhij,bjhd->bihd", weights, v).reshape(b, q.shape[1], d)
     return layers.dense(d, (layers.HEADS, layers.EMBED), name="out")(out)
 
 
@@ -53,10 +59,12 @@ class _Block(nn.Module):
   config: SASRecConfig
 
   @nn.compact
-  def __call__(self, x, mask, deterministic: bool):
+  def __call__(self, x, mask, deterministic: bool, last_only: bool = False):
     c = self.config
     h = nn.LayerNorm(epsilon=1e-8)(x)
-    h = CausalSelfAttention(c)(h, mask, deterministic)
+    h = CausalSelfAttention(c)(h, mask, deterministic, last_only)
+    if last_only:
+      x = x[:, -1:]
     x = x + layers.Dropout(c.dropout)(h, deterministic)
     h = nn.LayerNorm(epsilon=1e-8)(x)
     h = layers.dense(c.ffn_dim, (layers.EMBED, layers.MLP))(h)
@@ -81,14 +89,24 @@ class SASRec(nn.Module):
 
   def __call__(self, item_ids: jax.Array, timestamps: jax.Array | None = None,
                query_timestamps: jax.Array | None = None, *,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, last_only: bool = False) -> jax.Array:
+    """``[B, L]`` ids -> ``[B, L, D]``; with ``last_only``, ``[B, 1, D]`` for position L-1.
+
+    ``last_only`` (scoring and serving) runs the final block for the last position only:
+    the same numbers as ``[:, -1:]`` of the full output, with the final block's attention
+    and feed-forward work cut by a factor of L.
+    """
     del timestamps, query_timestamps  # SASRec ignores time
     c = self.config
     x, valid = layers.embed_sequence(self.item_embedding, self.position_embedding,
                                      self.input_dropout, item_ids, deterministic)
     mask = layers.causal_mask(valid)
-    for block in self.blocks:
-      x = block(x, mask, deterministic) * valid[..., None]
+    for i, block in enumerate(self.blocks):
+      last = last_only and i == len(self.blocks) - 1
+      x = block(x, mask, deterministic, last_only=last)
+      x = x * valid[:, -x.shape[1]:, None]
+    if last_only:
+      x = x[:, -1:]
     x = self.final_norm(x)
     return layers.l2_normalize(x) if c.l2_normalize else x
 
