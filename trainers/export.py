@@ -245,7 +245,7 @@ class Bundle:
 
   path: str
   meta: dict[str, Any]
-  exported: Any                 # jax.export.Exported
+  exported: Any                 # jax.export.Exported (None: loaded with model=False)
   weights: tuple[np.ndarray, ...]
   vocab: list[str]
   index: dict[Any, int]         # raw id -> item index (admitted items only); canonical
@@ -290,24 +290,19 @@ def _check_digests(path: str, meta: dict[str, Any]) -> None:
       raise BundleError(f"{path}: {name} is missing or does not match its sha256")
 
 
-def load_bundle(path: str, verify: bool = True) -> Bundle:
-  """Reads a bundle directory; ``verify`` checks every file's sha256 against bundle.json."""
-  from jax import export  # pylint: disable=g-import-not-at-top
+def load_bundle(path: str, verify: bool = True, model: bool = True) -> Bundle:
+  """Reads a bundle directory; ``verify`` checks every file's sha256 against bundle.json.
+
+  ``model=False`` reads the metadata and vocabulary only (no JAX import): ``exported`` is
+  None and ``weights`` empty.
+  """
   meta = _read_meta(path)
   for name in (MODEL_FILE, WEIGHTS_FILE, VOCAB_FILE):
     if not os.path.isfile(os.path.join(path, name)):
       raise BundleError(f"{path}: {name} is missing")
   if verify:
     _check_digests(path, meta)
-  with open(os.path.join(path, MODEL_FILE), "rb") as f:
-    exported = export.deserialize(bytearray(f.read()))
-  specs = meta["signature"]["weights"]
-  with np.load(os.path.join(path, WEIGHTS_FILE), allow_pickle=False) as npz:
-    weights = tuple(npz[s["name"]] for s in specs)
-  expected = exported.in_avals[:len(weights)]
-  if len(exported.in_avals) != len(weights) + len(INPUTS) or any(
-      tuple(a.shape) != w.shape or a.dtype != w.dtype for a, w in zip(expected, weights)):
-    raise BundleError(f"{path}: weights.npz does not match the exported model's inputs")
+  exported, weights = _load_model(path, meta) if model else (None, ())
   vocab = features.load_item_vocab(path)
   if len(vocab) != int(meta["item_vocab_size"]):
     raise BundleError(f"{path}: {VOCAB_FILE} has {len(vocab)} ids, bundle.json says "
@@ -319,6 +314,21 @@ def load_bundle(path: str, verify: bool = True) -> Bundle:
       index[int(raw)] = i
   return Bundle(path=os.path.abspath(path), meta=meta, exported=exported, weights=weights,
                 vocab=vocab, index=index)
+
+
+def _load_model(path: str, meta: dict[str, Any]):
+  """``(jax.export.Exported, weights)`` of a bundle, weights checked against its inputs."""
+  from jax import export  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(path, MODEL_FILE), "rb") as f:
+    exported = export.deserialize(bytearray(f.read()))
+  specs = meta["signature"]["weights"]
+  with np.load(os.path.join(path, WEIGHTS_FILE), allow_pickle=False) as npz:
+    weights = tuple(npz[s["name"]] for s in specs)
+  expected = exported.in_avals[:len(weights)]
+  if len(exported.in_avals) != len(weights) + len(INPUTS) or any(
+      tuple(a.shape) != w.shape or a.dtype != w.dtype for a, w in zip(expected, weights)):
+    raise BundleError(f"{path}: weights.npz does not match the exported model's inputs")
+  return exported, weights
 
 
 def right_align(rows: Sequence[Sequence[int]], length: int, out: np.ndarray | None = None):

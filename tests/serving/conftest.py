@@ -140,3 +140,18 @@ def servers(bundles):
   finally:
     for s in started.values():
       s.close()
+
+
+@pytest.fixture
+def start_server():
+  """``start_server(bundle, **make_app_kwargs)`` -> a ready Server, closed after the test."""
+  started = []
+
+  def start(bundle: str, **kwargs) -> Server:
+    server = Server(bundle, **kwargs)
+    started.append(server)
+    server.wait_ready()
+    return server
+  yield start
+  for server in started:
+    server.close()

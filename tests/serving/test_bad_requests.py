@@ -104,3 +104,18 @@ def test_fuzz_random_json_gets_200_or_400(servers):
       assert answer["error"]
     seen.add(status)
   assert seen == {200, 400}
+
+
+def test_a_dead_device_process_is_reported_not_hung(bundles, start_server):
+  """If the model's process dies, requests get a 500 saying so and health turns unready
+  (so Vertex replaces the replica); nothing waits forever."""
+  server = start_server(bundles["sasrec"], buckets=(1, 2))
+  assert server.post({"instances": [{"items": [1000]}]})[0] == 200
+  from pipelines import serve  # pylint: disable=g-import-not-at-top
+  device = serve.app_state(server.app)["device"]
+  device.process.kill()
+  device.process.join(10)
+  status, body = server.post({"instances": [{"items": [1000]}]})
+  assert status == 500 and "device process died" in body["error"], body
+  status, body = server.get("/health")
+  assert status == 500 and "device process died" in body["error"], body

@@ -85,6 +85,37 @@ def test_length_buckets_and_merged_calls_give_the_same_scores(bundles):
   assert predictor.plan(groups) == [(12, [0, 1, 2, 3, 4])]  # fixed cost only: one call
 
 
+def test_version_1_bundle_with_a_fixed_length_still_serves(bundles, trained, tmp_path):
+  """Bundles written before the history length became symbolic load and answer the same."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax import export as jax_export  # pylint: disable=g-import-not-at-top
+  from trainers import evaluate  # pylint: disable=g-import-not-at-top
+  _, model, params, _ = evaluate.load_model(trained["sasrec"])
+  leaves, treedef = jax.tree.flatten(params)
+  (b,) = jax_export.symbolic_shape("b")
+  seq = jax.ShapeDtypeStruct((b, 12), np.int32)
+  weights = tuple(jax.ShapeDtypeStruct(np.shape(w), np.asarray(w).dtype) for w in leaves)
+  old = jax_export.export(jax.jit(export.serving_function(model, 20)(treedef)),
+                          platforms=("cpu",))(weights, seq, seq, seq, seq)
+  copy = tmp_path / "v1"
+  shutil.copytree(bundles["sasrec"], copy)
+  (copy / export.MODEL_FILE).write_bytes(old.serialize())
+  meta = json.loads((copy / export.BUNDLE_FILE).read_text())
+  meta["format_version"] = 1
+  meta["sha256"][export.MODEL_FILE] = export._sha256(str(copy / export.MODEL_FILE))  # pylint: disable=protected-access
+  (copy / export.BUNDLE_FILE).write_text(json.dumps(meta))
+
+  v1 = export.Predictor(export.load_bundle(str(copy)), (1, 4))
+  v2 = export.Predictor(export.load_bundle(bundles["sasrec"]), (1, 4))
+  assert v1.length_buckets == (12,) and v2.length_buckets == (12,)
+  x = export.right_align([[2, 3, 4], [5, 6, 7, 8, 9]], 12)
+  np.testing.assert_allclose(v1.run(x, x, x, x)[0], v2.run(x, x, x, x)[0], rtol=1e-6)
+  meta["format_version"] = 3
+  (copy / export.BUNDLE_FILE).write_text(json.dumps(meta))
+  with pytest.raises(export.BundleError, match="v3, expected"):
+    export.load_bundle(str(copy))
+
+
 def test_tampered_bundle_is_rejected(bundles, tmp_path):
   copy = tmp_path / "b"
   shutil.copytree(bundles["sasrec"], copy)
