@@ -694,11 +694,8 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _buckets(max_batch: int) -> tuple[int, ...]:
-  out, b = [], 1
-  while b < max_batch:
-    out.append(b)
-    b *= 2
-  return tuple(out + [max_batch])
+  from trainers import export  # pylint: disable=g-import-not-at-top
+  return export.doubling_buckets(1, max_batch)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

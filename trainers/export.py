@@ -341,13 +341,18 @@ def right_align(rows: Sequence[Sequence[int]], length: int, out: np.ndarray | No
   return arr
 
 
+def doubling_buckets(first: int, last: int) -> tuple[int, ...]:
+  """``first``, doubled while below ``last``, then ``last``: (1, 32) -> 1, 2, 4, ..., 32."""
+  out, size = [], first
+  while size < last:
+    out.append(size)
+    size *= 2
+  return tuple(out + [last])
+
+
 def default_length_buckets(max_len: int) -> tuple[int, ...]:
-  """Powers of two from 32 below ``max_len``, then ``max_len``: 32, 64, 128, 200."""
-  out, length = [], 32
-  while length < max_len:
-    out.append(length)
-    length *= 2
-  return tuple(out + [max_len])
+  """32, 64, ... below ``max_len``, then ``max_len``: 32, 64, 128, 200."""
+  return doubling_buckets(32, max_len)
 
 
 def _smallest_at_least(buckets: Sequence[int], n: int, what: str) -> int:

@@ -3,7 +3,13 @@ kfp.local.DockerRunner (container tier; the images come from infra/build_images.
 
 import json
 import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
 
+import numpy as np
 import pytest
 
 from pipelines import cli
@@ -47,3 +53,54 @@ def test_smoke_pipeline_in_the_images(built, tmp_path, capsys, monkeypatch):
   assert rows[("valid", "blessed", None)].value == 1.0
   current = json.load(open(root / "registry" / "current.json"))
   assert current["run_id"] == "docker-smoke"
+
+  _serving_image_answers(built["serving"], current["path"])
+
+
+def _serving_image_answers(image: str, bundle: str) -> None:
+  """The deployed bundle in the serving image, on the Vertex AI custom-container contract
+  (routes and port from AIP_* variables), answers as the bundle does in this process."""
+  from pipelines import serve  # pylint: disable=g-import-not-at-top
+  from trainers import export  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  name = f"recml-serving-test-{port}"
+  subprocess.run(
+      ["docker", "run", "-d", "--rm", "--network", "host", "--name", name,
+       "-v", f"{bundle}:/bundle:ro", "-e", f"AIP_HTTP_PORT={port}",
+       "-e", "AIP_HEALTH_ROUTE=/v1/endpoints/e/deployedModels/m",
+       "-e", "AIP_PREDICT_ROUTE=/v1/endpoints/e/deployedModels/m:predict",
+       image, "recml", "serve", "--bundle", "/bundle", "--max-batch", "4"],
+      check=True, capture_output=True)
+  base = f"http://127.0.0.1:{port}/v1/endpoints/e/deployedModels/m"
+  try:
+    deadline = time.time() + 300
+    while True:
+      try:
+        with urllib.request.urlopen(base, timeout=5) as r:
+          if r.status == 200:
+            break
+      except (urllib.error.URLError, ConnectionError):
+        pass
+      if time.time() > deadline:
+        logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True)
+        raise AssertionError(f"serving container not ready:\n{logs.stdout}{logs.stderr}")
+      time.sleep(1)
+    body = {"instances": [{"items": [1, 2, 50, 181], "k": 5},
+                          {"items": ["nope", 7], "exclude_history": False}]}
+    request = urllib.request.Request(base + ":predict", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+      answer = json.loads(r.read())
+    loaded = export.load_bundle(bundle)
+    predictor = export.Predictor(loaded, (1, 2))
+    rows = serve.parse_body(json.dumps(body).encode(), loaded, serve.Limits())
+    for row, got, (scores, ids) in zip(rows, answer["predictions"],
+                                       serve.run_rows(predictor, rows)):
+      assert got["items"] == loaded.raw_ids(ids[:row.k])
+      np.testing.assert_allclose(got["scores"], scores[:row.k], rtol=1e-5, atol=1e-6)
+    assert len(answer["predictions"][0]["items"]) == 5
+    assert len(answer["predictions"][1]["items"]) == 10
+  finally:
+    subprocess.run(["docker", "rm", "-f", name], capture_output=True)
