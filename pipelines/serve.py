@@ -53,7 +53,6 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
-import orjson
 
 log = logging.getLogger("recml.serve")
 
@@ -113,6 +112,7 @@ def _timestamp(value: Any, where: str) -> int:
 
 def parse_body(body: bytes, bundle, limits: Limits, now: int | None = None) -> list[Row]:
   """Validates a ``{"instances": [...]}`` body; raises :class:`RequestError` with the reason."""
+  import orjson  # pylint: disable=g-import-not-at-top  (serve extra only)
   if len(body) > limits.max_body_bytes:
     raise RequestError(f"payload too large: {len(body)} bytes > {limits.max_body_bytes}")
   try:  # strict RFC 8259: NaN/Infinity, bad UTF-8, ints beyond 64 bits, deep nesting fail
@@ -573,6 +573,7 @@ def make_app(bundle_dir: str, *, health_route: str = DEFAULT_HEALTH_ROUTE,
         results = await state["batcher"].predict(rows)
       except RuntimeError as e:  # the device process failed; the health route says so too
         return error(500, str(e))
+    import orjson  # pylint: disable=g-import-not-at-top
     return web.Response(body=orjson.dumps(
         {"predictions": [prediction(bundle, r, s, i) for r, (s, i) in zip(rows, results)]}),
                         content_type="application/json")

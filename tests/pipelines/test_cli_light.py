@@ -1,4 +1,5 @@
-"""`recml --help` and every sub-command's parser build without the heavy frameworks."""
+"""`recml --help` and every sub-command's parser build without the heavy frameworks, nor
+any one extra's packages (the images install different extras)."""
 
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in {"jax", "jaxlib", "flax", "optax", "orbax", "tensorflow",
-                                  "apache_beam", "tensorflow_transform", "kfp", "duckdb"}:
+                                  "apache_beam", "tensorflow_transform", "kfp", "duckdb",
+                                  "aiohttp", "orjson", "uvloop"}:
             raise ImportError(f"blocked heavy import: {name}")
 sys.meta_path.insert(0, Block())
 from pipelines import cli
