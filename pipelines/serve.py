@@ -216,13 +216,13 @@ def encode(rows: Sequence[Row], length: int, size: int | None = None
            ) -> tuple[np.ndarray, ...]:
   """Rows -> the exported function's four ``[size, length]`` int32 inputs (size >= rows;
   extra rows are padding), right-aligned; histories longer than ``length`` keep their end."""
+  from trainers import export  # pylint: disable=g-import-not-at-top
   size = len(rows) if size is None else size
   items, ts, qts, exclude = (np.zeros((size, length), np.int32) for _ in range(4))
+  export.right_align([r.items for r in rows], length, items)
+  export.right_align([r.timestamps for r in rows], length, ts)
+  export.right_align([r.query_timestamps for r in rows], length, qts)
   for r, row in enumerate(rows):
-    n = min(len(row.items), length)
-    items[r, length - n:] = row.items[-n:]
-    ts[r, length - n:] = row.timestamps[-n:]
-    qts[r, length - n:] = row.query_timestamps[-n:]
     if row.exclude_history:
       exclude[r] = items[r]
   return items, ts, qts, exclude
@@ -328,7 +328,6 @@ class DeviceProcess:
         args=(child, bundle_dir, tuple(buckets), tuple(length_buckets) if length_buckets else None))
     self.process.start()
     child.close()
-    self.info: dict[str, Any] = {}
     self._reply: asyncio.Future | None = None
     self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -340,7 +339,6 @@ class DeviceProcess:
     kind, payload = self.conn.recv()
     if kind != "ready":
       raise RuntimeError(payload)
-    self.info = payload
     return payload
 
   def attach(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -332,11 +332,13 @@ def _load_model(path: str, meta: dict[str, Any]):
 
 
 def right_align(rows: Sequence[Sequence[int]], length: int, out: np.ndarray | None = None):
-  """Lists (oldest first) -> ``[len(rows), length]`` int32, left-padded with 0."""
+  """Sequences (lists or arrays, oldest first) -> ``[len(rows), length]`` int32, left-padded
+  with 0; longer ones keep their end. ``out`` (zeros, at least ``len(rows)`` rows) is
+  filled instead of a new array."""
   arr = np.zeros((len(rows), length), np.int32) if out is None else out
   for r, row in enumerate(rows):
-    row = list(row)[-length:]
-    if row:
+    row = row[-length:]
+    if len(row):
       arr[r, length - len(row):] = row
   return arr
 
