@@ -66,10 +66,16 @@ def registry_for(bundle_dir: str) -> str:
                    "$RECML_REGISTRY)")
 
 
-def run_local(bundle_dir: str, registry: str = "", run_id: str = "") -> dict[str, Any]:
-  """Publishes the bundle to the local registry; returns the deployment record."""
+def run_local(bundle_dir: str, registry: str = "", run_id: str = "",
+              dataset_id: str = "") -> dict[str, Any]:
+  """Publishes the bundle to the local registry; returns the deployment record.
+
+  ``dataset_id`` (the data the model was trained on) goes into the record's labels.
+  """
   from trainers import export  # pylint: disable=g-import-not-at-top
-  return export.publish(bundle_dir, registry or registry_for(bundle_dir), run_id=run_id)
+  labels = {"dataset_id": dataset_id} if dataset_id else None
+  return export.publish(bundle_dir, registry or registry_for(bundle_dir), run_id=run_id,
+                        labels=labels)
 
 
 # ---------------------------------------------------------------------------
@@ -168,7 +174,7 @@ def vertex_pipeline_ops(bundle_uri, env, display_name: str = "recml"):
 
 @kfp_step.step("tools")
 def deploy(bundle: Input[Model], deployment: Output[Artifact], registry: str = "",
-           run_id: str = "") -> str:
+           run_id: str = "", dataset_id: str = "") -> str:
   """Makes the bundle the current model of the local registry.
 
   Args:
@@ -176,6 +182,7 @@ def deploy(bundle: Input[Model], deployment: Output[Artifact], registry: str = "
     deployment: the deployment record (version, registry path, time).
     registry: the registry folder (empty: ``<pipeline root>/registry``).
     run_id: the run that produced the model.
+    dataset_id: the dataset identity it was trained on (recorded with the deployment).
 
   Returns:
     The deployed bundle's path in the registry.
@@ -183,9 +190,11 @@ def deploy(bundle: Input[Model], deployment: Output[Artifact], registry: str = "
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top,redefined-outer-name,reimported
   from components import deploy as step  # pylint: disable=g-import-not-at-top
-  record = step.run_local(bundle.path, registry, run_id)
+  record = step.run_local(bundle.path, registry, run_id, dataset_id)
   os.makedirs(deployment.path, exist_ok=True)
   with open(os.path.join(deployment.path, "deployment.json"), "w", encoding="utf-8") as f:
     json.dump(record, f, indent=2)
   deployment.metadata.update({k: record[k] for k in ("version", "path", "deployed_at", "run_id")})
+  if dataset_id:
+    deployment.metadata["dataset_id"] = dataset_id
   return record["path"]

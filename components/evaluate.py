@@ -21,6 +21,7 @@ from components import kfp_step
 
 METRIC_ORDER = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr")
 HEADLINE = ("hr@10", "ndcg@10", "mrr")
+COUNT_SUFFIXES = ("/ranked_targets", "/oov_targets")  # run facts: targets per split
 REPORT_FILE = "report.html"
 
 
@@ -56,10 +57,12 @@ def run(model_dir: str, data_dir: str | None = None, split: str = "test",
 
   Returns:
     ``{split: {...}, "valid": {...}, "best_test": {...}, "model", "dataset",
-    "selected_epoch", ...}``: the recomputed split plus what training recorded.
+    "selected_epoch", "history_exclusion", "<split>/oov_targets", ...}``: the
+    recomputed split and its facts plus what training recorded.
   """
   from trainers import evaluate as evaluator  # pylint: disable=g-import-not-at-top
-  recomputed = _flat_metrics(evaluator.evaluate(model_dir, data_dir=data_dir, split=split), split)
+  values, facts = evaluator.evaluate_split(model_dir, data_dir=data_dir, split=split)
+  recomputed = _flat_metrics(values, split)
   trained = {}
   path = os.path.join(model_dir, "metrics.json")
   if os.path.exists(path):
@@ -72,6 +75,7 @@ def run(model_dir: str, data_dir: str | None = None, split: str = "test",
     if isinstance(trained.get(name), Mapping):
       result[name] = _flat_metrics(trained[name], name)
   result[split] = recomputed
+  result.update(facts)  # the rule and counts of the recomputation
   if dataset_name:
     result["dataset"] = dataset_name
   if report_path:
@@ -174,7 +178,9 @@ def render_report(result: Mapping[str, Any], log: Sequence[Mapping[str, Any]],
                   f'<div class="k">test {esc(m)}</div></div>'
                   for m in HEADLINE if m in test)
   facts = {k: result[k] for k in ("model", "dataset", "selected_epoch", "epochs_run",
-                                  "seconds_per_epoch", "sequences_per_second") if k in result}
+                                  "seconds_per_epoch", "sequences_per_second",
+                                  "history_exclusion") if k in result}
+  facts.update({k: v for k, v in result.items() if k.endswith(COUNT_SUFFIXES)})
   def fact(v):
     return f"{v:,.2f}" if isinstance(v, float) else str(v)
   facts_html = "".join(f"<li><b>{esc(k)}</b>: {esc(fact(v))}</li>" for k, v in facts.items())
@@ -186,6 +192,10 @@ def render_report(result: Mapping[str, Any], log: Sequence[Mapping[str, Any]],
                       "test hr@10": _curve(log, "test", "hr@10")}, "HR@10 per epoch"),
       svg_line_chart({"sequences/s": _curve(log, "sequences_per_second")}, "Throughput"),
   ]
+  excluded = {"all": "the whole history excluded",
+              "window": "the last max_len history items excluded",
+              "none": "history not excluded"}.get(result.get("history_exclusion"),
+                                                  "history items excluded")
   generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   heading = esc(title or f"{result.get('model', 'model')} on {result.get('dataset', 'dataset')}")
   return f"""<!DOCTYPE html>
@@ -198,7 +208,8 @@ th:first-child{{text-align:left}}.cards{{display:flex;gap:12px}}
 .charts{{display:flex;flex-wrap:wrap;gap:8px}}small{{color:#5f6368}}
 </style></head><body>
 <h1>RecML run report: {heading}</h1>
-<small>generated {generated}; full-ranking metrics over all items, history items excluded</small>
+<small>generated {generated}; full-ranking metrics over all items, {esc(excluded)};
+out-of-vocabulary targets are not ranked</small>
 <div class="cards">{cards}</div>
 <ul>{facts_html}</ul>
 <h2>Metrics</h2>{table}
@@ -235,8 +246,11 @@ def evaluate(
   for name in ("valid", "test", "best_test"):
     for key, value in result.get(name, {}).items():
       metrics.log_metric(f"{name}/{key}", value)
-  report.metadata.update({k: result[k] for k in ("model", "dataset", "selected_epoch")
-                          if k in result})
+  for key, value in result.items():
+    if key.endswith(step.COUNT_SUFFIXES):
+      metrics.log_metric(key, value)
+  report.metadata.update({k: result[k] for k in ("model", "dataset", "selected_epoch",
+                                                 "history_exclusion") if k in result})
   report.metadata.update({f"test/{k}": v for k, v in result.get("test", {}).items()
                           if k in step.HEADLINE})
   with open(metrics.path, "w", encoding="utf-8") as f:

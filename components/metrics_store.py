@@ -11,9 +11,28 @@ A store is addressed by URI and opened with :func:`open_store`:
   file and its folder are created when missing.
 
 Both hold the same table (:data:`METRICS_SCHEMA`): one row per
-``(run_id, split, metric, k)``, the key of idempotent writes. Writing a row whose
-key exists replaces it (``MERGE`` in both engines), so a retried pipeline step
-never duplicates metrics. ``k`` is NULL for metrics without a cut-off (MRR).
+``(run_id, split, metric, k)`` (:data:`KEY_COLUMNS`), the key of idempotent writes.
+Writing a row whose key exists replaces it (``MERGE`` in both engines), so a retried
+pipeline step never duplicates metrics. ``k`` is NULL for metrics without a cut-off (MRR).
+
+**The key, enforced.** DuckDB: a unique index on ``(run_id, split, metric,
+COALESCE(k, -1))`` (a PRIMARY KEY cannot hold the NULL ``k`` of MRR, and a plain
+UNIQUE constraint treats NULLs as distinct; ``k`` is never negative, so -1 cannot
+collide). A write that would duplicate a key fails instead of duplicating. Writers take
+an exclusive ``fcntl.flock`` on ``<file>.lock`` around every connection (DuckDB allows
+one read-write process per file, and two threads merging at once would both insert),
+so threads and processes writing the same run take turns and the last write of a key
+wins whole. BigQuery has no enforced unique key: the ``MERGE`` statement is the key
+(its ``ON`` clause is :data:`KEY_COLUMNS`; BigQuery runs concurrent mutating DML on
+one table under snapshot isolation and fails the loser with "Could not serialize
+access", which :class:`BigQueryStore` retries).
+
+**Dataset identity.** ``dataset`` is a display label (the config's ``dataset:``);
+``dataset_id`` is what the data *is*: ``ds-<12 hex>`` from the input's fingerprint and
+the preprocessing parameters (:func:`components.fingerprint.dataset_identity`). Champions
+are looked up by ``dataset_id``, so models trained on different data are never
+compared. Tables written before the column existed get it added (NULL in old rows, which
+therefore never become champions).
 
 Every query is written once below, with ``@name`` parameters and a ``{table}``
 placeholder; the two dialect differences (how the table is named, and how the
@@ -21,23 +40,28 @@ rows to merge are passed) live in the two small store classes.
 
 **Blessing and champions.** The validate step records its decision in the same
 table as a row with ``metric = "blessed"`` (:data:`BLESSED_METRIC`), ``k`` NULL,
-``value`` 1.0 (blessed) or 0.0 (rejected), on the split it gated on, with the
-decision's details in ``labels["gate"]``. Being a row, the decision is idempotent
-per run (re-validating replaces it), shows in ``rows()`` and in ``runs()``, and
-needs no second table. The *champion* of a (dataset, model family, metric, k,
-split) is the blessed run with the best value of that metric (ties: the newest);
-a candidate is gated against it. "Best" rather than "latest" blessed, so that a
-tolerance cannot let quality ratchet down over many runs.
+``value`` 1.0 (blessed), 0.5 (tie: as good as the champion, not redeployed) or 0.0
+(rejected) (:data:`DECISION_VALUES`), on the split it gated on, with the decision's
+details in ``labels["gate"]``. Being a row, the decision is idempotent per run
+(re-validating replaces it), shows in ``rows()`` and in ``runs()``, and needs no second
+table. The *champion* of a (dataset identity, model family, metric, k, split) is the
+blessed run with the best value of that metric (ties: the newest); a candidate is gated
+against it. "Best" rather than "latest" blessed, so that a tolerance cannot let
+quality ratchet down over many runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import json
 import math
 import os
+import random
 import re
+import sys
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -56,12 +80,18 @@ METRICS_SCHEMA: tuple[tuple[str, str, str], ...] = (
     ("created_at", "TIMESTAMP", "REQUIRED"),
     ("model_uri", "STRING", "NULLABLE"),
     ("labels", "STRING", "NULLABLE"),   # a JSON object, as text
+    # The data's identity (components.fingerprint); NULLABLE so that existing tables can
+    # be migrated by adding it (BigQuery only adds NULLABLE columns).
+    ("dataset_id", "STRING", "NULLABLE"),
 )
 COLUMNS = tuple(name for name, _, _ in METRICS_SCHEMA)
 KEY_COLUMNS = ("run_id", "split", "metric", "k")
 CLUSTERING_FIELDS = ("dataset", "model", "run_id")   # BigQuery clustering
 
-BLESSED_METRIC = "blessed"   # value 1.0 = blessed by the validate step, 0.0 = rejected
+BLESSED_METRIC = "blessed"   # the validate step's decision, as a value of DECISION_VALUES
+# Gate decisions and their value in the ``blessed`` row. Only "blessed" runs are deployed
+# and can become champions; a "tie" equals the champion and is not redeployed.
+DECISION_VALUES = {"blessed": 1.0, "tie": 0.5, "rejected": 0.0}
 
 URI_FORMS = ("bq://project.dataset.table",
              "duckdb:///relative/path/metrics.duckdb (or duckdb:////absolute/path/metrics.duckdb)")
@@ -76,11 +106,15 @@ _DUCKDB_TYPES = {"STRING": "VARCHAR", "INT64": "BIGINT", "FLOAT64": "DOUBLE",
 # ---------------------------------------------------------------------------
 _SOURCE_COLUMNS = ", ".join(f"r.{c} AS {c}" for c in COLUMNS)
 _UPDATES = ", ".join(f"{c} = S.{c}" for c in COLUMNS if c not in KEY_COLUMNS)
+_NULLABLE = {name for name, _, mode in METRICS_SCHEMA if mode == "NULLABLE"}
+# The MERGE's ON clause is the key: equal key columns, NULL matching NULL.
+_KEY_MATCH = " AND ".join(
+    f"(T.{c} = S.{c} OR (T.{c} IS NULL AND S.{c} IS NULL))" if c in _NULLABLE
+    else f"T.{c} = S.{c}" for c in KEY_COLUMNS)
 
 MERGE_SQL = f"""MERGE INTO {{table}} AS T
 USING (SELECT {_SOURCE_COLUMNS} FROM {{rows_source}}) AS S
-ON T.run_id = S.run_id AND T.split = S.split AND T.metric = S.metric \
-AND (T.k = S.k OR (T.k IS NULL AND S.k IS NULL))
+ON {_KEY_MATCH}
 WHEN MATCHED THEN UPDATE SET {_UPDATES}
 WHEN NOT MATCHED THEN INSERT ({", ".join(COLUMNS)}) \
 VALUES ({", ".join(f"S.{c}" for c in COLUMNS)})"""
@@ -90,27 +124,31 @@ WHERE (@run_id IS NULL OR run_id = @run_id)
   AND (@dataset IS NULL OR dataset = @dataset)
   AND (@model IS NULL OR model = @model)
   AND (@split IS NULL OR split = @split)
-  AND (@metric IS NULL OR metric = @metric)"""
+  AND (@metric IS NULL OR metric = @metric)
+  AND (@dataset_id IS NULL OR dataset_id = @dataset_id)"""
 
 CHAMPION_SQL = f"""SELECT m.run_id AS run_id, m.value AS value, m.model_uri AS model_uri,
-  m.created_at AS created_at
+  m.created_at AS created_at, m.dataset AS dataset
 FROM {{table}} AS m
-WHERE m.dataset = @dataset AND m.model = @model AND m.split = @split AND m.metric = @metric
+WHERE m.dataset_id = @dataset_id AND m.model = @model AND m.split = @split
+  AND m.metric = @metric
   AND (m.k = @k OR (m.k IS NULL AND @k IS NULL))
   AND (@exclude_run_id IS NULL OR m.run_id != @exclude_run_id)
   AND m.run_id IN (SELECT b.run_id FROM {{table}} AS b
-                   WHERE b.metric = @blessed_metric AND b.value = 1.0)
+                   WHERE b.metric = @blessed_metric AND b.value = @blessed_value)
 ORDER BY m.value * @sign DESC, m.created_at DESC
 LIMIT 1"""
 
 RUNS_SQL = """SELECT run_id, ANY_VALUE(pipeline) AS pipeline, ANY_VALUE(model) AS model,
-  ANY_VALUE(dataset) AS dataset, MAX(model_uri) AS model_uri, MIN(created_at) AS created_at,
+  ANY_VALUE(dataset) AS dataset, MAX(dataset_id) AS dataset_id, MAX(model_uri) AS model_uri,
+  MIN(created_at) AS created_at,
   MAX(CASE WHEN metric = @blessed_metric THEN value END) AS blessed,
   MAX(CASE WHEN split = @split AND metric = @metric AND (k = @k OR (k IS NULL AND @k IS NULL))
       THEN value END) AS value,
   COUNT(*) AS num_rows
 FROM {table}
 WHERE (@dataset IS NULL OR dataset = @dataset) AND (@model IS NULL OR model = @model)
+  AND (@dataset_id IS NULL OR dataset_id = @dataset_id)
 GROUP BY run_id
 ORDER BY created_at DESC, run_id
 LIMIT @limit"""
@@ -137,6 +175,7 @@ class MetricRow:
   created_at: datetime.datetime | None = None   # set to "now" (UTC) when written
   model_uri: str | None = None
   labels: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  dataset_id: str | None = None   # the data's identity ("ds-..."); champions are per identity
 
   @property
   def key(self) -> tuple[str, str, str, int | None]:
@@ -151,20 +190,22 @@ class MetricRow:
 
 @dataclasses.dataclass(frozen=True)
 class Champion:
-  """The best blessed run for a (dataset, model family, metric, k, split)."""
+  """The best blessed run for a (dataset identity, model family, metric, k, split)."""
 
   run_id: str
   value: float
   model_uri: str | None
   created_at: datetime.datetime
+  dataset: str | None = None   # its display label
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSummary:
   """One run, as ``recml runs list`` shows it.
 
-  ``blessed`` is None when the run was never validated; ``value`` is the requested
-  metric (None when the run lacks it).
+  ``blessed`` is None when the run was never validated, else whether the gate blessed
+  it; ``decision`` is the gate's word (``"blessed"``, ``"tie"``, ``"rejected"``);
+  ``value`` is the requested metric (None when the run lacks it).
   """
 
   run_id: str
@@ -176,6 +217,18 @@ class RunSummary:
   blessed: bool | None
   value: float | None
   num_rows: int
+  dataset_id: str | None = None
+  decision: str | None = None
+
+
+def decision_of(value: float | None) -> str | None:
+  """The gate decision a ``blessed`` row's value stands for (None: not validated)."""
+  if value is None:
+    return None
+  for name, code in DECISION_VALUES.items():
+    if abs(value - code) < 1e-9:
+      return name
+  raise ValueError(f"blessed row value {value} is none of {DECISION_VALUES}")
 
 
 def parse_metric_name(name: str) -> tuple[str, int | None]:
@@ -319,22 +372,23 @@ class MetricsStore:
 
   def rows(self, run_id: str | None = None, *, dataset: str | None = None,
            model: str | None = None, split: str | None = None,
-           metric: str | None = None) -> list[MetricRow]:
+           metric: str | None = None, dataset_id: str | None = None) -> list[MetricRow]:
     """Rows matching every given filter, ordered by run, split, metric and k (NULL first)."""
     self.ensure_table()
     params = [("run_id", "STRING", run_id), ("dataset", "STRING", dataset),
               ("model", "STRING", model), ("split", "STRING", split),
-              ("metric", "STRING", metric)]
+              ("metric", "STRING", metric), ("dataset_id", "STRING", dataset_id)]
     out = [_to_row(r) for r in self._query(self.sql(ROWS_SQL), params)]
     return sorted(out, key=lambda r: (r.run_id, r.split, r.metric, -1 if r.k is None else r.k))
 
-  def champion(self, dataset: str, model_family: str, metric: str, k: int | None,
+  def champion(self, dataset_id: str, model_family: str, metric: str, k: int | None,
                split: str = "valid", exclude_run_id: str | None = None,
                higher_is_better: bool = True) -> Champion | None:
-    """The best blessed run of a model family on a dataset, or None when none is blessed.
+    """The best blessed run of a model family on the same data, or None when none is blessed.
 
     Args:
-      dataset: the ``dataset`` column.
+      dataset_id: the ``dataset_id`` column (the data's identity, not its label: runs
+        with the same ``dataset`` label on other data are never champions).
       model_family: the ``model`` column (e.g. ``"sasrec"``).
       metric: metric name without the cut-off (``"ndcg"``).
       k: the cut-off (``10``), or None for metrics without one (``"mrr"``).
@@ -345,41 +399,50 @@ class MetricsStore:
     Returns:
       The blessed run with the best value (ties: the newest), or None.
     """
+    if not dataset_id:
+      raise ValueError("champion lookup needs a dataset identity (dataset_id), got "
+                       f"{dataset_id!r}")
     self.ensure_table()
-    params = [("dataset", "STRING", dataset), ("model", "STRING", model_family),
+    params = [("dataset_id", "STRING", dataset_id), ("model", "STRING", model_family),
               ("split", "STRING", split), ("metric", "STRING", metric), ("k", "INT64", k),
               ("exclude_run_id", "STRING", exclude_run_id),
               ("blessed_metric", "STRING", BLESSED_METRIC),
+              ("blessed_value", "FLOAT64", DECISION_VALUES["blessed"]),
               ("sign", "FLOAT64", 1.0 if higher_is_better else -1.0)]
     found = self._query(self.sql(CHAMPION_SQL), params)
     if not found:
       return None
     r = found[0]
     return Champion(run_id=r["run_id"], value=float(r["value"]), model_uri=r["model_uri"],
-                    created_at=_utc(r["created_at"]))
+                    created_at=_utc(r["created_at"]), dataset=r["dataset"])
 
   def runs(self, *, dataset: str | None = None, model: str | None = None,
            metric: str = "ndcg", k: int | None = 10, split: str = "valid",
-           limit: int = 100) -> list[RunSummary]:
+           limit: int = 100, dataset_id: str | None = None) -> list[RunSummary]:
     """Runs, newest first, with their blessing and one headline metric.
 
     Args:
-      dataset: only runs on this dataset.
+      dataset: only runs with this dataset label.
+      dataset_id: only runs on this dataset identity.
       model: only runs of this model family.
       metric, k, split: the headline metric reported as ``RunSummary.value``.
       limit: at most this many runs.
     """
     self.ensure_table()
     params = [("dataset", "STRING", dataset), ("model", "STRING", model),
+              ("dataset_id", "STRING", dataset_id),
               ("metric", "STRING", metric), ("k", "INT64", k), ("split", "STRING", split),
               ("blessed_metric", "STRING", BLESSED_METRIC), ("limit", "INT64", int(limit))]
-    return [RunSummary(run_id=r["run_id"], pipeline=r["pipeline"], model=r["model"],
-                       dataset=r["dataset"], model_uri=r["model_uri"],
-                       created_at=_utc(r["created_at"]),
-                       blessed=None if r["blessed"] is None else r["blessed"] >= 0.5,
-                       value=None if r["value"] is None else float(r["value"]),
-                       num_rows=int(r["num_rows"]))
-            for r in self._query(self.sql(RUNS_SQL), params)]
+    out = []
+    for r in self._query(self.sql(RUNS_SQL), params):
+      decision = decision_of(r["blessed"])
+      out.append(RunSummary(
+          run_id=r["run_id"], pipeline=r["pipeline"], model=r["model"],
+          dataset=r["dataset"], model_uri=r["model_uri"], created_at=_utc(r["created_at"]),
+          blessed=None if decision is None else decision == "blessed",
+          value=None if r["value"] is None else float(r["value"]),
+          num_rows=int(r["num_rows"]), dataset_id=r["dataset_id"], decision=decision))
+    return out
 
   def __repr__(self) -> str:
     return f"{type(self).__name__}({self.uri!r})"
@@ -388,34 +451,65 @@ class MetricsStore:
 class DuckDBStore(MetricsStore):
   """The embedded store: one DuckDB file, opened per operation.
 
-  A connection is held only for the length of one call, so several processes (the
-  pipeline's steps, ``recml runs list``) can take turns on one file; a call that
-  finds the file locked by another process retries for ``lock_timeout_s``.
+  A connection is held only for the length of one call, under an exclusive
+  ``fcntl.flock`` on ``<file>.lock``: DuckDB allows one read-write process per file, and
+  threads of one process sharing the database would each see no row of a new key and
+  both insert it. The lock serializes threads (each call opens its own lock file
+  description) and processes; waiting for it, and for a DuckDB file lock held by a
+  process outside this protocol (e.g. the ``duckdb`` CLI), retries for ``lock_timeout_s``.
+  The key is also enforced by the unique index :data:`DUCKDB_KEY_INDEX`, so a writer
+  that bypasses the lock fails instead of duplicating rows.
   """
 
   table_ref = "metrics"
   rows_source = "(SELECT UNNEST(@rows) AS r)"
 
-  def __init__(self, path: str, lock_timeout_s: float = 30.0):
+  def __init__(self, path: str, lock_timeout_s: float = 60.0):
     self.path = os.path.abspath(path)
     self.uri = "duckdb:///" + self.path
+    self.lock_path = self.path + ".lock"
     self.lock_timeout_s = lock_timeout_s
     self._table_ready = False
 
-  def _connect(self):
-    import duckdb  # pylint: disable=g-import-not-at-top
+  @contextlib.contextmanager
+  def _locked(self):
+    """Holds the store's exclusive file lock (threads and processes take turns)."""
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    deadline = time.monotonic() + self.lock_timeout_s
-    while True:
+    fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+      deadline = time.monotonic() + self.lock_timeout_s
+      while True:
+        try:
+          fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+          break
+        except BlockingIOError:
+          if time.monotonic() > deadline:
+            raise TimeoutError(f"metrics store {self.path}: {self.lock_path} stayed locked "
+                               f"for {self.lock_timeout_s:g} s (another writer hung?)") from None
+          time.sleep(random.uniform(0.002, 0.02))
+      yield
+    finally:
+      os.close(fd)   # releases the lock
+
+  @contextlib.contextmanager
+  def _connection(self):
+    """A connection to the file, under the lock, closed (and unlocked) on exit."""
+    import duckdb  # pylint: disable=g-import-not-at-top
+    with self._locked():
+      deadline = time.monotonic() + self.lock_timeout_s
+      while True:
+        try:
+          con = duckdb.connect(self.path)
+          break
+        except duckdb.IOException as e:   # a process outside the lock protocol holds it
+          if "lock" not in str(e).lower() or time.monotonic() > deadline:
+            raise
+          time.sleep(0.2)
       try:
-        con = duckdb.connect(self.path)
-        break
-      except duckdb.IOException as e:
-        if "lock" not in str(e).lower() or time.monotonic() > deadline:
-          raise
-        time.sleep(0.2)
-    con.execute("SET TimeZone = 'UTC'")
-    return con
+        con.execute("SET TimeZone = 'UTC'")
+        yield con
+      finally:
+        con.close()
 
   @staticmethod
   def _params(sql: str, params: Sequence[Param]) -> tuple[str, dict[str, Any]]:
@@ -425,44 +519,63 @@ class DuckDBStore(MetricsStore):
 
   def _query(self, sql, params):
     sql, values = self._params(sql, params)
-    con = self._connect()
-    try:
+    with self._connection() as con:
       cur = con.execute(sql, values)
       names = [d[0] for d in cur.description]
       return [dict(zip(names, row)) for row in cur.fetchall()]
-    finally:
-      con.close()
 
   def _merge(self, records):
     sql, values = self._params(self.sql(MERGE_SQL), [("rows", "ARRAY", records)])
-    con = self._connect()
-    try:
+    with self._connection() as con:
       con.execute(sql, values)
-    finally:
-      con.close()
 
   def ensure_table(self):
+    """Creates the table and its key index, migrating files of older schemas.
+
+    Older files lack columns (added, NULL in old rows) or the key index; rows that
+    duplicate a key (written before the index existed) are reduced to the newest one
+    per key, and the number removed is reported on stderr.
+    """
     if self._table_ready:
       return
     cols = ", ".join(f"{n} {_DUCKDB_TYPES[t]}{' NOT NULL' if m == 'REQUIRED' else ''}"
                      for n, t, m in METRICS_SCHEMA)
-    con = self._connect()
-    try:
-      con.execute(f"CREATE TABLE IF NOT EXISTS {self.table_ref} ({cols})")
-    finally:
-      con.close()
+    table = self.table_ref
+    with self._connection() as con:
+      con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({cols})")
+      have = {row[0] for row in con.execute(f"DESCRIBE {table}").fetchall()}
+      for name, type_, mode in METRICS_SCHEMA:
+        if name not in have:
+          if mode == "REQUIRED":
+            raise ValueError(f"metrics store {self.path}: table {table} lacks the REQUIRED "
+                             f"column {name}; it was not written by this code")
+          con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {_DUCKDB_TYPES[type_]}")
+      indexed = con.execute("SELECT count(*) FROM duckdb_indexes() WHERE index_name = $name",
+                            {"name": DUCKDB_KEY_INDEX}).fetchone()[0]
+      if not indexed:
+        key = ", ".join(DUCKDB_KEY_EXPRESSIONS)
+        removed = con.execute(
+            f"DELETE FROM {table} WHERE rowid NOT IN (SELECT max_by(rowid, (created_at, rowid)) "
+            f"FROM {table} GROUP BY {key})").fetchone()[0]
+        if removed:
+          print(f"metrics store {self.path}: removed {removed} row(s) duplicating a "
+                f"(run_id, split, metric, k) key; kept the newest of each", file=sys.stderr)
+        con.execute(f"CREATE UNIQUE INDEX {DUCKDB_KEY_INDEX} ON {table} ({key})")
     self._table_ready = True
 
   def schema(self):
     self.ensure_table()
     back = {v: k for k, v in _DUCKDB_TYPES.items()}
-    con = self._connect()
-    try:
+    with self._connection() as con:
       described = con.execute(f"DESCRIBE {self.table_ref}").fetchall()
-    finally:
-      con.close()
     return [(name, back.get(type_, type_), "NULLABLE" if null == "YES" else "REQUIRED")
             for name, type_, null, *_ in described]
+
+
+# The DuckDB key: k is NULL for metrics without a cut-off and never negative, so
+# COALESCE(k, -1) makes NULL a value of the key (see the module docstring).
+DUCKDB_KEY_INDEX = "metrics_key"
+DUCKDB_KEY_EXPRESSIONS = tuple(f"COALESCE({c}, -1)" if c == "k" else c for c in KEY_COLUMNS)
 
 
 class BigQueryStore(MetricsStore):
@@ -471,7 +584,13 @@ class BigQueryStore(MetricsStore):
   Writes are one ``MERGE`` statement per call with the rows as an
   ``ARRAY<STRUCT>`` query parameter (DML, not streaming inserts, so rows can be
   replaced right away: streamed rows cannot be updated while in the streaming buffer).
+  BigQuery enforces no unique key; the MERGE is the key. Concurrent MERGEs into one
+  table run under snapshot isolation: one commits, the other fails with "Could not
+  serialize access ... due to concurrent update" (after BigQuery's own retries) and is
+  sent again here, up to ``MERGE_ATTEMPTS`` times, so it then sees the committed rows.
   """
+
+  MERGE_ATTEMPTS = 5
 
   rows_source = "UNNEST(@rows) AS r"
 
@@ -547,7 +666,16 @@ class BigQueryStore(MetricsStore):
     return [dict(row.items()) for row in self._run(sql, config)]
 
   def _merge(self, records):
-    self._run(*self._merge_job(records))
+    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+    for attempt in range(self.MERGE_ATTEMPTS):
+      try:
+        self._run(*self._merge_job(records))
+        return
+      except exceptions.BadRequest as e:
+        if ("could not serialize access" not in str(e).lower()
+            or attempt == self.MERGE_ATTEMPTS - 1):
+          raise
+        time.sleep(random.uniform(0.5, 2.0) * 2 ** attempt)
 
   def bigquery_schema(self):
     """:data:`METRICS_SCHEMA` as ``SchemaField`` objects."""
@@ -563,10 +691,19 @@ class BigQueryStore(MetricsStore):
     table.clustering_fields = list(CLUSTERING_FIELDS)
     table.description = "RecML metrics: one row per (run_id, split, metric, k)."
     try:
-      self.client.create_table(table, exists_ok=True, **self._retry())
+      table = self.client.create_table(table, exists_ok=True, **self._retry())
     except exceptions.NotFound as e:
       raise ValueError(f"{self.uri}: dataset {self.project}.{self.dataset} not found; "
                        "create it first (infra/gcp, or `bq mk --dataset`)") from e
+    # A table of an older schema gets the missing (NULLABLE) columns appended.
+    have = {f.name for f in table.schema}
+    missing = [f for f in self.bigquery_schema() if f.name not in have]
+    if missing:
+      if any(f.mode == "REQUIRED" for f in missing):
+        raise ValueError(f"{self.uri} lacks REQUIRED column(s) "
+                         f"{[f.name for f in missing if f.mode == 'REQUIRED']}")
+      table.schema = list(table.schema) + missing
+      self.client.update_table(table, ["schema"], **self._retry())
     self._table_ready = True
 
   def schema(self):

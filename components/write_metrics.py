@@ -7,7 +7,9 @@ its keys ``name@K`` become ``metric=name, k=K`` and plain names (``mrr``) get a 
 ``k``. The other top-level entries (``selected_epoch``, ...) are run facts, not metrics:
 they go into every row's ``labels`` (explicit ``labels`` win). Rewriting a run replaces its
 rows (the store's writes are idempotent per ``(run_id, split, metric, k)``), so a retried
-step never duplicates metrics.
+step never duplicates metrics. Every row carries the dataset identity (``dataset_id``,
+from the preprocess step) next to the display label ``dataset``: the gate finds the
+champion by the identity.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def _mapping(value: Mapping[str, Any] | str | None, what: str) -> dict[str, Any]
 
 def to_rows(run_id: str, pipeline: str | None, model: str, dataset: str,
             metrics: Mapping[str, Any] | str, model_uri: str | None = None,
-            labels: Mapping[str, Any] | str | None = None) -> list[metrics_store.MetricRow]:
+            labels: Mapping[str, Any] | str | None = None,
+            dataset_id: str | None = None) -> list[metrics_store.MetricRow]:
   """The metric rows of one run's evaluation output (see the module docstring).
 
   Raises:
@@ -59,7 +62,7 @@ def to_rows(run_id: str, pipeline: str | None, model: str, dataset: str,
       rows.append(metrics_store.MetricRow(
           run_id=run_id, pipeline=pipeline or None, model=model, dataset=dataset,
           split=split, metric=metric, k=k, value=value, model_uri=model_uri or None,
-          labels=labels))
+          labels=labels, dataset_id=dataset_id or None))
   if not rows:
     raise ValueError("metrics hold no split: expected {'valid': {'hr@10': ...}, 'test': {...}}")
   return rows
@@ -68,7 +71,7 @@ def to_rows(run_id: str, pipeline: str | None, model: str, dataset: str,
 def run(store_uri: str, run_id: str, pipeline: str | None, model: str, dataset: str,
         metrics: Mapping[str, Any] | str, model_uri: str | None = None,
         labels: Mapping[str, Any] | str | None = None,
-        store_options: Mapping[str, Any] | None = None) -> int:
+        store_options: Mapping[str, Any] | None = None, dataset_id: str | None = None) -> int:
   """Writes one run's evaluation metrics to the metrics store.
 
   Args:
@@ -76,17 +79,18 @@ def run(store_uri: str, run_id: str, pipeline: str | None, model: str, dataset: 
     run_id: the pipeline run's id.
     pipeline: the pipeline's name.
     model: the model family (``"sasrec"``); the champion is looked up per family.
-    dataset: the dataset's name.
+    dataset: the dataset's display name (the config's ``dataset:`` label).
     metrics: the evaluate step's output (a mapping or its JSON text).
     model_uri: where the trained model lies.
     labels: extra facts about the run (a JSON object), stored with every row.
     store_options: keyword arguments for :func:`components.metrics_store.open_store`
       (e.g. a BigQuery client).
+    dataset_id: the dataset identity (``ds-...``, the preprocess step's output).
 
   Returns:
     The number of rows written.
   """
-  rows = to_rows(run_id, pipeline, model, dataset, metrics, model_uri, labels)
+  rows = to_rows(run_id, pipeline, model, dataset, metrics, model_uri, labels, dataset_id)
   return metrics_store.open_store(store_uri, **dict(store_options or {})).write(rows)
 
 
@@ -110,6 +114,7 @@ def write_metrics(
     model_name: str = "",
     dataset: str = "",
     labels: dict = {},  # pylint: disable=dangerous-default-value
+    dataset_id: str = "",
 ) -> str:
   """Writes the evaluate step's metrics (every split) into the metrics store.
 
@@ -123,6 +128,7 @@ def write_metrics(
     model_name: the model family (e.g. sasrec).
     dataset: the dataset key.
     labels: free-form labels stored with each row.
+    dataset_id: the dataset identity (the preprocess step's output).
 
   Returns:
     The run id the rows were written under.
@@ -133,7 +139,8 @@ def write_metrics(
     result = json.load(f)
   rid = run_id or job_name
   rows = step.run(store_uri, rid, pipeline, model_name or result.get("model", ""),
-                  dataset or result.get("dataset", ""), result, model.uri, dict(labels))
+                  dataset or result.get("dataset", ""), result, model.uri, dict(labels),
+                  dataset_id=dataset_id or None)
   print(f"write_metrics: {rows} rows for run {rid} into {store_uri}")
   return rid
 

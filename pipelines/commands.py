@@ -2,6 +2,7 @@
 
     recml run --config ml100k_smoke --data ../shared/datasets/ml-100k
     recml run --config ml1m_sasrec --target vertex --data gs://bucket/ml-1m --dry-run
+    recml run --resume RUN_ID     # a killed/failed local run: reuse its completed steps
     recml compile --config ml1m_hstu --target vertex --output recml_pipeline.yaml
     recml schedule create --config ml1m_sasrec --target vertex --cron "0 3 * * 1" \
         --time-zone Europe/Paris --data gs://bucket/ml-1m --dry-run
@@ -64,12 +65,17 @@ def register(subparsers) -> None:
                  "(downloaded once, checksum-verified); default: the config's")
   p.add_argument("--store-uri", help="metrics store: duckdb:///path or bq://project.dataset.table")
   p.add_argument("--run-id", help="default: <config name>-<UTC timestamp>")
+  p.add_argument("--resume", metavar="RUN_ID",
+                 help="continue a local run that died or failed, with its recorded config, "
+                 "data and parameters: a new attempt in its folder reuses the steps it "
+                 "completed (same fingerprint) and runs the rest; a killed train step "
+                 "continues from its checkpoints")
   p.add_argument("--dry-run", action="store_true",
                  help="print the request (IR path, parameters, worker pools, labels) as JSON")
   p.add_argument("--output", help="where to write the compiled IR for kfp/vertex "
                  "(default: <pipeline root or .>/<run id>.yaml)")
   _env_flags(p)
-  p.set_defaults(func=cmd_run)
+  p.set_defaults(func=cmd_run, config=None)  # None: --config not given (--resume checks)
 
   p = subparsers.add_parser("compile", help="compile the pipeline to IR YAML")
   _config_flags(p, target_default="vertex")
@@ -223,11 +229,14 @@ def cmd_run(args: argparse.Namespace) -> int:
   from pipelines import local as local_lib  # pylint: disable=g-import-not-at-top
   from pipelines import submit  # pylint: disable=g-import-not-at-top
   try:
+    if args.resume:
+      return _resume(args)
     env = load_env(args)
-    config = config_lib.load_config(args.config, args.overrides)
+    config = config_lib.load_config(args.config or DEFAULT_CONFIG, args.overrides)
     run_id = args.run_id or local_lib.new_run_id(config["name"])
     if args.target in ("local", "local-docker"):
       root = local_root(env)
+      local_lib.check_new_run(root, run_id)
       store_uri = default_store(env, args.target, root)
       data = data_lib.resolve_data(args.data or config["data"])
       params = parameters(args, env, config, data=data, store_uri=store_uri, run_id=run_id)
@@ -236,15 +245,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                      "pipeline_root": os.path.join(root, run_id), "parameters": params})
         return 0
       print(f"run id: {run_id}", flush=True)
-      mounts = [os.path.dirname(data) if os.path.isfile(data) else data]
-      if store_uri.startswith("duckdb:///"):
-        mounts.append(os.path.dirname(os.path.abspath(store_uri[len("duckdb:///"):])))
       pipeline = build(args, env, config)
       local_lib.run_local(
           pipeline, params, run_id=run_id, root=root, target=args.target,
           manifest={"config": config["name"], "config_values": config, "data": data,
                     "store_uri": store_uri},
-          mounts=mounts)
+          mounts=_mounts(data, store_uri))
       return _print_summary(os.path.join(root, run_id))
 
     data = remote_data(args.data, config)
@@ -273,6 +279,69 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
   except (ValueError, FileNotFoundError, data_lib.DataUnavailable) as e:
     return _fail(str(e))
+
+
+def _mounts(data: str, store_uri: str) -> list[str]:
+  """Host folders the ``local-docker`` steps need: the data and the DuckDB store."""
+  mounts = [os.path.dirname(data) if os.path.isfile(data) else data]
+  if store_uri.startswith("duckdb:///"):
+    mounts.append(os.path.dirname(os.path.abspath(store_uri[len("duckdb:///"):])))
+  return mounts
+
+
+def _resume(args: argparse.Namespace) -> int:
+  """``recml run --resume RUN_ID``: a new attempt of a local run that did not succeed."""
+  from pipelines import local as local_lib  # pylint: disable=g-import-not-at-top
+  run_id = args.resume
+  if args.target not in ("local", "local-docker"):
+    raise ValueError(f"--resume continues local runs; --target {args.target} reuses completed "
+                     "steps through its own caching: submit the run again")
+  given = [flag for flag, value in (("--config", args.config), ("--set", args.overrides),
+                                    ("--data", args.data), ("--store-uri", args.store_uri),
+                                    ("--run-id", args.run_id), ("--no-cache", args.no_cache),
+                                    ("--dry-run", args.dry_run), ("--output", args.output))
+           if value]
+  if given:
+    raise ValueError(f"--resume {run_id} runs with the run's recorded config, data and store; "
+                     f"drop {', '.join(given)}")
+  env = load_env(args)
+  root = local_root(env)
+  run_dir = os.path.join(root, run_id)
+  if not os.path.isfile(os.path.join(run_dir, local_lib.RUN_FILE)):
+    recent = [r["run_id"] for r in local_lib.list_runs(root)[:5]]
+    raise ValueError(f"no run {run_id!r} under {root}; "
+                     + (f"recent runs: {', '.join(recent)}" if recent else "there are no runs"))
+  record = local_lib.run_status(local_lib.read_manifest(run_dir), run_dir)
+  status = local_lib.status_text(record)
+  if record["status"] == "SUCCEEDED":
+    print(f"run {run_id} already SUCCEEDED (finished {record.get('finished', '?')}): "
+          "nothing to resume")
+    return 0
+  if record["status"] == "RUNNING" and record.get("pid") is None:
+    raise ValueError(f"run {run_id} is RUNNING in {os.path.join(run_dir, local_lib.RUN_FILE)}, "
+                     "which names no process to check (an older recml wrote it); if it is "
+                     "not running, set its status to FAILED there and resume")
+  if record["status"] == "RUNNING":
+    raise ValueError(f"run {run_id} is still running (process {record['pid']} on "
+                     f"{record.get('host')}): nothing to resume")
+  if record.get("orphans"):
+    raise ValueError(f"run {run_id}: {status}; wait for them to end (or kill them) "
+                     "before resuming")
+  missing = [k for k in ("config_values", "parameters", "data", "store_uri") if k not in record]
+  if record.get("target") not in ("local", "local-docker"):
+    missing.append("a local target")
+  if missing:
+    raise ValueError(f"{os.path.join(run_dir, local_lib.RUN_FILE)} lacks {', '.join(missing)}: "
+                     f"run {run_id} cannot be resumed")
+  print(f"run id: {run_id} (resuming; was {status})", flush=True)
+  target = record["target"]
+  # Resuming reuses this run's own completed steps; the DAG's never-cached steps re-run.
+  config = {**record["config_values"], "caching": True}
+  args = argparse.Namespace(**{**vars(args), "target": target, "no_cache": False})
+  local_lib.run_local(
+      build(args, env, config), record["parameters"], run_id=run_id, root=root,
+      target=target, mounts=_mounts(record["data"], record["store_uri"]), resume=True)
+  return _print_summary(run_dir)
 
 
 def _print_summary(run_dir: str) -> int:
@@ -410,13 +479,15 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
   if not runs:
     print(f"no runs under {root}")
     return 0
-  print(f"{'RUN ID':<44} {'STATUS':<10} {'MODEL':<10} {'VALID NDCG@10':>13}  BLESSED")
+  width = max(10, *(len(local_lib.status_text(r)) for r in runs))
+  print(f"{'RUN ID':<44} {'STATUS':<{width}} {'MODEL':<10} {'VALID NDCG@10':>13}  BLESSED")
   for r in runs:
     s = store.get(r["run_id"])
     value = f"{s.value:.4f}" if s and s.value is not None else "-"
     blessed = "-" if not s or s.blessed is None else ("yes" if s.blessed else "no")
     model = r.get("parameters", {}).get("model", "")
-    print(f"{r['run_id']:<44} {r.get('status', ''):<10} {model:<10} {value:>13}  {blessed}")
+    print(f"{r['run_id']:<44} {local_lib.status_text(r):<{width}} {model:<10} {value:>13}  "
+          f"{blessed}")
   return 0
 
 
@@ -442,7 +513,7 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     _print_json({**info, "metrics_store": {"uri": store_uri, "rows": rows}})
     return 0
   run = info["run"]
-  print(f"run {run['run_id']}  {run.get('status')}  {run.get('started')} -> "
+  print(f"run {run['run_id']}  {local_lib.status_text(run)}  {run.get('started')} -> "
         f"{run.get('finished', '')}")
   print(f"  config {run.get('config')}  data {run.get('data')}  target {run.get('target')}")
   for step in info["steps"]:

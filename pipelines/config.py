@@ -3,9 +3,9 @@
 A config has the sections below (every key optional; ``DEFAULTS`` holds the rest)::
 
     name: ml1m-sasrec          # run ids start with it
-    dataset: ml-1m             # the metrics store's dataset key (champion per dataset + model)
+    dataset: ml-1m             # display label; champions are per dataset *identity* + model
     data: movielens-1m         # default --data: a path, gs:// / bq:// URI, or a known download
-    preprocess: {format, max_len, min_item_count, bad_rows_threshold, runner}
+    preprocess: {format, max_len, min_item_count, bad_rows_threshold, timestamp_unit, runner}
     train: {model, <any TrainConfig field>: value}
     gate: {metric, k, split, tolerance}
     vertex: {machine_type, tpu_topology, accelerator_type, accelerator_count, replica_count, ...}
@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
         "max_len": 200,
         "min_item_count": 1,
         "bad_rows_threshold": 0.01,
+        "timestamp_unit": "auto",    # s | ms | us | ns | auto (detected from a sample)
         "runner": "direct",          # direct | dataflow (vertex only)
     },
     "train": {"model": "sasrec"},
@@ -119,6 +120,11 @@ def validate(config: Mapping[str, Any]) -> None:
     raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
   if config["preprocess"]["runner"] not in ("direct", "dataflow"):
     raise ValueError("preprocess.runner must be 'direct' or 'dataflow'")
+  from components.preprocess import step  # pylint: disable=g-import-not-at-top
+  units = step.TIMESTAMP_UNIT_CHOICES
+  if config["preprocess"]["timestamp_unit"] not in units:
+    raise ValueError(f"preprocess.timestamp_unit must be one of {', '.join(units)}, "
+                     f"got {config['preprocess']['timestamp_unit']!r}")
   if not config["train"].get("model"):
     raise ValueError("train.model is required")
 
@@ -157,6 +163,7 @@ def pipeline_parameters(config: Mapping[str, Any], *, data_uri: str, store_uri: 
       "max_len": int(pre["max_len"]),
       "min_item_count": int(pre["min_item_count"]),
       "bad_rows_threshold": float(pre["bad_rows_threshold"]),
+      "timestamp_unit": str(pre["timestamp_unit"] or "auto"),
       "beam_args": list(beam_args),
       "model": str(config["train"]["model"]),
       "train_overrides": train_overrides(config),

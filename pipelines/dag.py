@@ -1,7 +1,17 @@
 """The pipeline DAG, one definition for every target.
 
-    preprocess ─► train ─► evaluate ─► write_metrics ─► validate ─► If(blessed): bless
-                                                                     └─ export ─► deploy
+    fingerprint ─► preprocess ─► train ─► evaluate ─► write_metrics ─► validate
+        ─► If(blessed): bless
+                        └─ export ─► deploy
+
+``fingerprint`` (never cached) hashes the input data (file hashes, GCS object metadata,
+BigQuery table state; :mod:`components.fingerprint`). Its digest is a parameter of
+``preprocess``, so the cache keys of preprocess and of every step after it change when
+the data behind an unchanged ``data_uri`` does (unchanged data may still hit the cache).
+``preprocess`` returns the dataset identity (``ds-...``: the fingerprint with the split
+protocol and the preprocessing parameters) that write_metrics stores and validate
+finds the champion by; validate deploys only a model that beats the champion on that
+identity ("blessed"), not one that ties it.
 
 ``deploy`` is the local registry step on the local/KFP targets and, on Vertex, the
 Model Registry upload + endpoint deployment of :func:`components.deploy.vertex_pipeline_ops`.
@@ -33,9 +43,10 @@ PIPELINE_NAME = "recml-pipeline"
 BLESSED = "blessed"  # the validate step's output when the gate passes
 
 # Steps whose outputs depend only on their inputs may be cached; steps with side effects
-# (metrics store writes, the gate that reads the store) never are.
+# (metrics store writes, the gate that reads the store) and the fingerprint (which looks
+# at the data behind the URI) never are.
 CACHEABLE_STEPS = ("preprocess", "train", "evaluate", "export")
-UNCACHED_STEPS = ("write-metrics", "validate", "bless", "deploy")
+UNCACHED_STEPS = ("fingerprint", "write-metrics", "validate", "bless", "deploy")
 # The Vertex deployment tasks (Google Cloud Pipeline Components), never cached.
 VERTEX_DEPLOY_TASKS = ("importer", "model-upload", "endpoint-create", "model-deploy")
 
@@ -108,8 +119,8 @@ def build_pipeline(target: str = "local", *, env: Env | None = None,
     env: registry/tag for images; service account, network and region for Vertex.
     vertex: the ``vertex`` config section (machine type, TPU topology, accelerators).
     kfp_resources: the ``kfp`` config section (``train_cpu``, ``train_memory`` limits).
-    enable_caching: cache preprocess/train/evaluate (write_metrics, validate and
-      bless are never cached).
+    enable_caching: cache preprocess/train/evaluate/export (fingerprint,
+      write_metrics, validate, bless and deploy are never cached).
     name: the pipeline name (shown in the UIs and stored with the metrics).
 
   Returns:
@@ -120,6 +131,7 @@ def build_pipeline(target: str = "local", *, env: Env | None = None,
   from components import deploy as deploy_step
   from components import export as export_step
   from components import evaluate as evaluate_step
+  from components import fingerprint as fingerprint_step
   from components import train as train_step
   from components import validate as validate_step
   from components import write_metrics as write_metrics_step
@@ -135,6 +147,7 @@ def build_pipeline(target: str = "local", *, env: Env | None = None,
   def image(step: str) -> str:
     return images.image(step, env.image_registry, env.image_tag or None)
 
+  fingerprint_op = _with_image(fingerprint_step.fingerprint, image("preprocess"))
   preprocess_op = _with_image(preprocess_step.preprocess, image("preprocess"))
   train_op = _with_image(train_step.train, image("trainer"))
   evaluate_op = _with_image(evaluate_step.evaluate, image("trainer"))
@@ -157,6 +170,7 @@ def build_pipeline(target: str = "local", *, env: Env | None = None,
       max_len: int = 200,
       min_item_count: int = 1,
       bad_rows_threshold: float = 0.01,
+      timestamp_unit: str = "auto",
       beam_args: list = [],  # pylint: disable=dangerous-default-value
       model: str = "sasrec",
       train_overrides: list = [],  # pylint: disable=dangerous-default-value
@@ -169,12 +183,20 @@ def build_pipeline(target: str = "local", *, env: Env | None = None,
       gate_tolerance: float = 0.0,
       serving_registry: str = "",
   ):
-    # -- preprocess: raw events -> sequence dataset --------------------------------
+    # -- fingerprint: what the data behind data_uri is now (never cached) ------------
+    fingerprinted = fingerprint_op(input_uri=data_uri)
+    fingerprinted.set_display_name("fingerprint").set_caching_options(False)
+
+    # -- preprocess: raw events -> sequence dataset; returns the dataset identity ---
+    # The fingerprint is an input, so this step's cache key (and every later one's)
+    # changes with the data.
     prep = preprocess_op(
         input_uri=data_uri, data_format=data_format, max_len=max_len,
         min_item_count=min_item_count, bad_rows_threshold=bad_rows_threshold,
-        beam_args=beam_args)
+        beam_args=beam_args, fingerprint=fingerprinted.outputs["Output"],
+        timestamp_unit=timestamp_unit)
     prep.set_display_name("preprocess").set_caching_options(enable_caching)
+    dataset_id = prep.outputs["Output"]
 
     # -- train: a CustomJob on Vertex, a plain step elsewhere ----------------------
     train_args = dict(dataset=prep.outputs["dataset"], model_name=model,
@@ -199,14 +221,15 @@ def build_pipeline(target: str = "local", *, env: Env | None = None,
         store_uri=store_uri, metrics=evaluation.outputs["metrics"],
         model=train.outputs["model"], run_id=run_id,
         job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, pipeline=name, model_name=model,
-        dataset=dataset_name, labels=labels)
+        dataset=dataset_name, labels=labels, dataset_id=dataset_id)
     written.set_display_name("write_metrics").set_caching_options(False)
 
-    # -- validate: gate against the champion ----------------------------------------
+    # -- validate: gate against the champion on the same dataset identity -------------
+    # "blessed" only when the candidate beats it (or has none); a tie is not redeployed.
     gate = validate_op(
         store_uri=store_uri, run_id=written.output, dataset=dataset_name,
         model_family=model, metric=gate_metric, k=gate_k, split=gate_split,
-        tolerance=gate_tolerance)
+        tolerance=gate_tolerance, dataset_id=dataset_id)
     gate.set_display_name("validate").set_caching_options(False)
 
     # -- blessed models only ---------------------------------------------------------
@@ -224,7 +247,7 @@ def build_pipeline(target: str = "local", *, env: Env | None = None,
         deploy_step.vertex_pipeline_ops(bundle.outputs["Output"], env, display_name=name)
       else:
         deployed = deploy_op(bundle=bundle.outputs["bundle"], registry=serving_registry,
-                             run_id=written.output)
+                             run_id=written.output, dataset_id=dataset_id)
         deployed.set_display_name("deploy").set_caching_options(False)
 
   return recml_pipeline

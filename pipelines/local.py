@@ -9,7 +9,19 @@ Layout of a local pipeline root (``runs/`` by default)::
         pipeline.yaml                     the compiled IR (used to rebuild the lineage)
         recml-pipeline-<timestamp>/       kfp.local's run folder
           <task>/executor_output.json     the step's output artifacts (URI, metadata) and values
+          <task>/recml_step.json          its fingerprint and state (pipelines/resume.py)
           <task>/<output>                 the artifacts themselves
+        recml-pipeline-<timestamp>/       the next attempt, after `recml run --resume`
+
+``run.json`` records the process running the run (``pid``, ``host``, ``pid_started``):
+a RUNNING run whose process has died (or whose pid now belongs to another process, told
+apart by its start time) reads back as FAILED (:func:`run_status`).
+
+``recml run --resume RUN_ID`` runs a new attempt in the same run directory (same run id,
+so the metrics store and the registry see one run): steps completed by an earlier
+attempt with the same fingerprint are reused, a killed train step continues from its
+checkpoints (:mod:`pipelines.resume`). The lineage is the newest attempt's; the URIs of
+reused outputs point into the attempt that produced them.
 
 ``lineage(run_dir)`` joins the IR's task graph with each task's executor output: for each
 step, its input artifacts (with the producer's URI and metadata), its output artifacts
@@ -20,6 +32,7 @@ import datetime
 import glob
 import json
 import os
+import socket
 import sys
 from typing import Any, Mapping
 
@@ -39,6 +52,103 @@ def new_run_id(name: str) -> str:
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")[:-3]
   base = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "recml"
   return f"{base}-{stamp}"
+
+
+class RunExists(ValueError):
+  """``--run-id`` names a run that is already under the local root."""
+
+
+def process_start_time(pid: int) -> float | None:
+  """When process ``pid`` started (seconds since the epoch); None if it is not running.
+
+  A zombie (exited, not yet reaped) is not running. Uses psutil when installed, else
+  ``/proc`` (Linux).
+  """
+  try:
+    import psutil  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    psutil = None
+  if psutil is not None:
+    try:
+      proc = psutil.Process(pid)
+      return None if proc.status() == psutil.STATUS_ZOMBIE else proc.create_time()
+    except psutil.Error:
+      return None
+  try:
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+      fields = f.read().rsplit(")", 1)[1].split()  # the name may hold spaces and ")"
+    with open("/proc/stat", encoding="utf-8") as f:
+      boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+  except (OSError, IndexError, StopIteration, ValueError):
+    return None
+  if fields[0] == "Z":
+    return None
+  return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def process_alive(pid: int, started: float | None) -> bool:
+  """Whether ``pid`` is still the process that started at ``started`` (not a reuse)."""
+  now = process_start_time(pid)
+  return now is not None and (started is None or abs(now - started) < 1.0)
+
+
+def process_identity() -> dict[str, Any]:
+  """What ``run.json`` records about the process running a run."""
+  return {"pid": os.getpid(), "host": socket.gethostname(),
+          "pid_started": process_start_time(os.getpid())}
+
+
+def step_processes(run_dir: str) -> list[int]:
+  """Live step processes (KFP executors) working in ``run_dir``, e.g. orphans of a dead run."""
+  needle = os.path.abspath(run_dir) + os.sep
+  try:
+    import psutil  # pylint: disable=g-import-not-at-top
+    procs = ((p.info["pid"], p.info["cmdline"] or [])
+             for p in psutil.process_iter(["pid", "cmdline"]))
+  except ImportError:
+    procs = []
+    for entry in glob.glob("/proc/[0-9]*/cmdline"):
+      try:
+        with open(entry, "rb") as f:
+          procs.append((int(entry.split("/")[2]), f.read().decode(errors="replace").split("\0")))
+      except OSError:
+        continue
+  found = []
+  for pid, cmdline in procs:
+    text = " ".join(cmdline)
+    if pid != os.getpid() and "executor_input" in text and needle in text:
+      found.append(pid)
+  return sorted(found)
+
+
+def run_status(record: Mapping[str, Any], run_dir: str | None = None) -> dict[str, Any]:
+  """``record`` with its status as it stands now.
+
+  A RUNNING run whose process (``pid`` started at ``pid_started`` on this host) is gone
+  becomes ``FAILED`` with ``status_detail`` "process N died" (plus the step processes
+  still working in ``run_dir``, if any: ``orphans``). Runs of other hosts are left as
+  recorded.
+  """
+  out = dict(record)
+  pid, host = record.get("pid"), record.get("host")
+  if record.get("status") != "RUNNING" or pid is None or host != socket.gethostname():
+    return out
+  if process_alive(pid, record.get("pid_started")):
+    return out
+  out["status"] = "FAILED"
+  out["status_detail"] = f"process {pid} died"
+  orphans = step_processes(run_dir) if run_dir else []
+  if orphans:
+    out["orphans"] = orphans
+    out["status_detail"] += f"; its step processes {', '.join(map(str, orphans))} still run"
+  out.setdefault("error", out["status_detail"])
+  return out
+
+
+def status_text(record: Mapping[str, Any]) -> str:
+  """``FAILED (process 1234 died)``: the status, with its detail when derived."""
+  detail = record.get("status_detail")
+  return f"{record.get('status', '')} ({detail})" if detail else str(record.get("status", ""))
 
 
 def write_manifest(run_dir: str, manifest: Mapping[str, Any]) -> None:
@@ -70,7 +180,7 @@ def _runner(target: str, mounts: list[str]):
 
 def run_local(pipeline_func, parameters: Mapping[str, Any], *, run_id: str, root: str,
               target: str = "local", manifest: Mapping[str, Any] | None = None,
-              mounts: list[str] | None = None) -> dict[str, Any]:
+              mounts: list[str] | None = None, resume: bool = False) -> dict[str, Any]:
   """Runs the pipeline through ``kfp.local`` under ``root/run_id``.
 
   Args:
@@ -81,16 +191,36 @@ def run_local(pipeline_func, parameters: Mapping[str, Any], *, run_id: str, root
     target: ``local`` (SubprocessRunner in this venv) or ``local-docker`` (the images).
     manifest: extra facts recorded in ``run.json`` (config, data, ...).
     mounts: ``local-docker`` only: host folders the steps read or write (data, store).
+    resume: run a new attempt of the existing run ``run_id``, reusing the steps its
+      earlier attempts completed (:mod:`pipelines.resume`).
 
   Returns:
     The final ``run.json`` content (status, pipeline folder, times).
+
+  Raises:
+    RunExists: a new run's id is taken.
   """
   from kfp import compiler, local  # pylint: disable=g-import-not-at-top
+  from pipelines import resume as resume_lib  # pylint: disable=g-import-not-at-top
   run_dir = os.path.abspath(os.path.join(root, run_id))
-  os.makedirs(run_dir, exist_ok=False)
+  if resume:
+    record = read_manifest(run_dir)
+    for key in ("error", "finished", "status_detail"):
+      record.pop(key, None)
+    record.update(status="RUNNING", **dict(manifest or {}))
+  else:
+    check_new_run(root, run_id)
+    try:
+      os.makedirs(run_dir, exist_ok=False)
+    except FileExistsError:  # a concurrent run took it
+      check_new_run(root, run_id)
+      raise
+    record = {"run_id": run_id, "target": target, "status": "RUNNING", "started": _now(),
+              "parameters": dict(parameters), **dict(manifest or {})}
+  attempt = {"started": _now(), **process_identity()}
+  record.update(process_identity())
+  record["attempts"] = [*record.get("attempts", []), attempt]
   compiler.Compiler().compile(pipeline_func, os.path.join(run_dir, IR_FILE))
-  record = {"run_id": run_id, "target": target, "status": "RUNNING", "started": _now(),
-            "parameters": dict(parameters), **dict(manifest or {})}
   write_manifest(run_dir, record)
   # SubprocessRunner steps import the project: make sure they find it.
   paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -101,7 +231,8 @@ def run_local(pipeline_func, parameters: Mapping[str, Any], *, run_id: str, root
              pipeline_root=run_dir,
              raise_on_error=True)
   try:
-    pipeline_func(**parameters)
+    with resume_lib.step_hook(run_dir, cacheable_components(run_dir), resume=resume):
+      pipeline_func(**parameters)
     record["status"] = "SUCCEEDED"
   except BaseException as e:  # recorded, then re-raised
     record["status"] = "FAILED"
@@ -111,9 +242,32 @@ def run_local(pipeline_func, parameters: Mapping[str, Any], *, run_id: str, root
     record["finished"] = _now()
     folder = pipeline_folder(run_dir)
     record["pipeline_dir"] = folder
+    attempt.update(status=record["status"], finished=record["finished"], pipeline_dir=folder)
     write_manifest(run_dir, record)
     sys.stdout.flush()
   return record
+
+
+def check_new_run(root: str, run_id: str) -> None:
+  """Raises :class:`RunExists` when ``root/run_id`` is taken."""
+  run_dir = os.path.join(root, run_id)
+  if not os.path.exists(run_dir):
+    return
+  try:
+    status = status_text(run_status(read_manifest(run_dir), run_dir))
+  except (OSError, json.JSONDecodeError):
+    status = "no readable run.json"
+  raise RunExists(f"run id {run_id} already exists under {os.path.abspath(root)} "
+                  f"(status {status}); use --resume {run_id} to continue it or pick a "
+                  "new --run-id")
+
+
+def cacheable_components(run_dir: str) -> dict[str, bool]:
+  """Component name -> whether the run's IR lets its task be cached."""
+  with open(os.path.join(run_dir, IR_FILE), encoding="utf-8") as f:
+    spec = yaml.safe_load(f)
+  return {task["componentRef"]["name"]: bool(task.get("cachingOptions", {}).get("enableCache"))
+          for task in ir_tasks(spec).values()}
 
 
 def pipeline_folder(run_dir: str) -> str | None:
@@ -127,7 +281,7 @@ def pipeline_folder(run_dir: str) -> str | None:
 # ---------------------------------------------------------------------------
 
 
-def _tasks(spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def ir_tasks(spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
   """Every task of the IR (nested condition DAGs flattened), by task name."""
   out: dict[str, dict[str, Any]] = {}
 
@@ -162,11 +316,11 @@ def _artifacts(output: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
 
 def lineage(run_dir: str) -> dict[str, Any]:
   """Each step of a local run: status, inputs (with producers), outputs, values."""
-  record = read_manifest(run_dir)
+  record = run_status(read_manifest(run_dir), run_dir)
   with open(os.path.join(run_dir, IR_FILE), encoding="utf-8") as f:
     spec = yaml.safe_load(f)
   folder = record.get("pipeline_dir") or pipeline_folder(run_dir)
-  tasks = _tasks(spec)
+  tasks = ir_tasks(spec)
   outputs = {name: _executor_output(folder, name) if folder else None for name in tasks}
   steps = []
   for name, task in tasks.items():
@@ -182,8 +336,8 @@ def lineage(run_dir: str) -> dict[str, Any]:
     steps.append({"step": name, "status": status, "condition": task["condition"],
                   "inputs": inputs, "outputs": _artifacts(out),
                   "values": (out or {}).get("parameterValues", {})})
-  order = {n: i for i, n in enumerate(("preprocess", "train", "evaluate", "write-metrics",
-                                       "validate", "bless"))}
+  order = {n: i for i, n in enumerate(("fingerprint", "preprocess", "train", "evaluate",
+                                       "write-metrics", "validate", "bless"))}
   steps.sort(key=lambda s: order.get(s["step"], len(order)))
   return {"run": record, "steps": steps}
 
@@ -219,11 +373,11 @@ def headline(info: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def list_runs(root: str) -> list[dict[str, Any]]:
-  """The local runs under ``root``, newest first."""
+  """The local runs under ``root``, newest first, with their status as of now."""
   runs = []
   for path in glob.glob(os.path.join(root, "*", RUN_FILE)):
     try:
-      record = read_manifest(os.path.dirname(path))
+      record = run_status(read_manifest(os.path.dirname(path)), os.path.dirname(path))
     except (OSError, json.JSONDecodeError):
       continue
     runs.append(record)

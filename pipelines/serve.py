@@ -17,15 +17,25 @@ batch bucket and warmed up, then 200) and ``POST $AIP_PREDICT_ROUTE`` (``/predic
 An instance: ``items`` (required) the user's recent raw item ids, oldest first, at most
 the model's ``max_len``; unknown ids map to the OOV bucket. ``k`` (default 10, at most
 the bundle's ``max_k``). ``exclude_history`` (default true): items of the history are
-not recommended. ``timestamps`` (optional, unix seconds aligned with ``items``) and
-``query_timestamp`` (optional, the time of the recommendation). Defaults for time-aware
-models (HSTU): the query time is the request's arrival time; without ``timestamps`` every
-item is taken to be as recent as the query (all time gaps zero). SASRec ignores time.
+not recommended. ``timestamps`` (optional, unix seconds aligned with ``items``, int64:
+any integer in [0, 2**63)) and ``query_timestamp`` (optional, the time of the
+recommendation). Defaults for time-aware models (HSTU): the query time is the request's
+arrival time; without ``timestamps`` every item is taken to be as recent as the query
+(all time gaps zero). SASRec ignores time.
 Scores are the trainer's (cosine similarity of user and item vectors); fewer than ``k``
 items come back only when the history excludes nearly the whole catalogue.
 
-A malformed request gets a 400 whose ``error`` says what is wrong; nothing in a request
-is executed or unpickled, and bundles are data files (see :mod:`trainers.export`).
+A malformed request gets a 400 whose ``error`` says what is wrong (a body over
+``--max-body-bytes`` a 413); nothing in a request is executed or unpickled, and bundles
+are data files (see :mod:`trainers.export`).
+
+Failures: a bundle that cannot be loaded at start-up (missing, incomplete, corrupt) makes
+``recml serve`` exit non-zero with the reason on stderr, so that the platform restarts or
+reports the container. A device process that dies is restarted with exponential backoff
+(0.5 s doubling to 30 s); meanwhile health and predict answer 503 with ``Retry-After``.
+After ``--max-restarts`` restarts (default 6) without a minute of uptime in between, the
+server exits non-zero. The health route names the device process (``device_pid``) and
+counts its restarts.
 
 Concurrent requests are micro-batched: every instance goes into one queue; whatever is
 queued when the device is free (up to ``--max-batch`` rows) is the next batch, so batches
@@ -45,12 +55,14 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -60,14 +72,14 @@ DEFAULT_PORT = 8080
 DEFAULT_HEALTH_ROUTE = "/health"
 DEFAULT_PREDICT_ROUTE = "/predict"
 DEFAULT_K = 10
-INT32_MAX = 2**31 - 1
+TIMESTAMP_MAX = 2**63 - 1  # unix seconds, as int64
 INSTANCE_KEYS = ("items", "k", "exclude_history", "timestamps", "query_timestamp")
 PARAMETER_KEYS = ("k", "exclude_history")
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-  """What a request may hold; beyond these it gets a 400."""
+  """What a request may hold; beyond these it gets a 400 (a body too large: 413)."""
 
   max_body_bytes: int = 1 << 20
   max_instances: int = 64
@@ -75,12 +87,22 @@ class Limits:
 
 
 class RequestError(ValueError):
-  """A malformed request (answered with 400 and this message)."""
+  """A malformed request (answered with ``status`` and this message)."""
+
+  status = 400
+
+
+class PayloadTooLarge(RequestError):
+  status = 413
+
+
+class DeviceUnavailable(RuntimeError):
+  """The device process is down or restarting (answered with 503 and Retry-After)."""
 
 
 @dataclasses.dataclass
 class Row:
-  """One parsed instance: ``[n]`` int32 arrays of item indices and times, oldest first."""
+  """One parsed instance, oldest first: ``[n]`` int32 item indices, int64 unix seconds."""
 
   items: np.ndarray
   timestamps: np.ndarray
@@ -104,9 +126,9 @@ def _is_int(x: Any) -> bool:
 
 
 def _timestamp(value: Any, where: str) -> int:
-  if not _is_int(value) or not 0 <= value <= INT32_MAX:
+  if not _is_int(value) or not 0 <= value <= TIMESTAMP_MAX:
     raise RequestError(f"{where} must be an integer unix time in seconds in "
-                       f"[0, {INT32_MAX}], got {json.dumps(value)[:40]}")
+                       f"[0, 2**63 - 1], got {json.dumps(value)[:40]}")
   return value
 
 
@@ -114,7 +136,7 @@ def parse_body(body: bytes, bundle, limits: Limits, now: int | None = None) -> l
   """Validates a ``{"instances": [...]}`` body; raises :class:`RequestError` with the reason."""
   import orjson  # pylint: disable=g-import-not-at-top  (serve extra only)
   if len(body) > limits.max_body_bytes:
-    raise RequestError(f"payload too large: {len(body)} bytes > {limits.max_body_bytes}")
+    raise PayloadTooLarge(f"payload too large: {len(body)} bytes > {limits.max_body_bytes}")
   try:  # strict RFC 8259: NaN/Infinity, bad UTF-8, ints beyond 64 bits, deep nesting fail
     payload = orjson.loads(body)
   except orjson.JSONDecodeError as e:
@@ -201,11 +223,11 @@ def _parse_instance(inst: Any, i: int, bundle, limits: Limits, defaults: dict[st
     if not isinstance(ts, list) or len(ts) != len(items):
       raise RequestError(f"{where}.timestamps must be a list of {len(items)} integers "
                          "(one per item)")
-    if not (set(map(type, ts)) == _INT_TYPE and 0 <= min(ts) and max(ts) <= INT32_MAX):
+    if not (set(map(type, ts)) == _INT_TYPE and 0 <= min(ts) and max(ts) <= TIMESTAMP_MAX):
       ts = [_timestamp(t, f"{where}.timestamps[{j}]") for j, t in enumerate(ts)]
-    ts = np.array(ts, np.int32)
+    ts = np.array(ts, np.int64)
   else:
-    ts = np.full(len(items), query, np.int32)
+    ts = np.full(len(items), query, np.int64)
   qts = np.empty_like(ts)
   qts[:-1], qts[-1] = ts[1:], query
   return Row(items=np.array(bundle.lookup(items), np.int32), timestamps=ts,
@@ -214,11 +236,13 @@ def _parse_instance(inst: Any, i: int, bundle, limits: Limits, defaults: dict[st
 
 def encode(rows: Sequence[Row], length: int, size: int | None = None
            ) -> tuple[np.ndarray, ...]:
-  """Rows -> the exported function's four ``[size, length]`` int32 inputs (size >= rows;
-  extra rows are padding), right-aligned; histories longer than ``length`` keep their end."""
+  """Rows -> :meth:`trainers.export.Predictor.run`'s four ``[size, length]`` inputs (item
+  ids int32, times int64; size >= rows, extra rows are padding), right-aligned; histories
+  longer than ``length`` keep their end."""
   from trainers import export  # pylint: disable=g-import-not-at-top
   size = len(rows) if size is None else size
-  items, ts, qts, exclude = (np.zeros((size, length), np.int32) for _ in range(4))
+  items, exclude = (np.zeros((size, length), np.int32) for _ in range(2))
+  ts, qts = (np.zeros((size, length), np.int64) for _ in range(2))
   export.right_align([r.items for r in rows], length, items)
   export.right_align([r.timestamps for r in rows], length, ts)
   export.right_align([r.query_timestamps for r in rows], length, qts)
@@ -316,11 +340,13 @@ class DeviceProcess:
   instead of 103 (it needs the GIL briefly around every call and waits up to a switch
   interval each time); next to a spinning separate process, 74. A process of its own has
   its own interpreter. One batch is in flight at a time;
-  the event loop learns of the answer from the pipe's file descriptor (no thread).
+  the event loop learns of the answer from the pipe's file descriptor (no thread), and of
+  the process's death from the same pipe (end of file): then ``on_exit(self)`` is called.
   """
 
   def __init__(self, bundle_dir: str, buckets: Sequence[int],
-               length_buckets: Sequence[int] | None):
+               length_buckets: Sequence[int] | None,
+               on_exit: Callable[[DeviceProcess], None] | None = None):
     ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold XLA threads
     self.conn, child = ctx.Pipe()
     self.process = ctx.Process(
@@ -328,15 +354,39 @@ class DeviceProcess:
         args=(child, bundle_dir, tuple(buckets), tuple(length_buckets) if length_buckets else None))
     self.process.start()
     child.close()
+    self.on_exit = on_exit
+    self.dead = False
     self._reply: asyncio.Future | None = None
     self._loop: asyncio.AbstractEventLoop | None = None
+
+  @property
+  def pid(self) -> int:
+    return self.process.pid
+
+  def exit_reason(self) -> str:
+    """``exit code N`` or ``killed by signal SIGKILL`` (after the process ended)."""
+    self.process.join(1)
+    code = self.process.exitcode
+    if code is None:
+      return "still running"
+    if code < 0:
+      try:
+        return f"killed by signal {signal.Signals(-code).name}"
+      except ValueError:
+        return f"killed by signal {-code}"
+    return f"exit code {code}"
 
   def wait_ready(self) -> dict[str, Any]:
     """Blocks until the bundle is compiled and warmed up (call it from a thread)."""
     while not self.conn.poll(0.5):
       if not self.process.is_alive():
-        raise RuntimeError(f"the device process exited with code {self.process.exitcode}")
-    kind, payload = self.conn.recv()
+        raise RuntimeError(f"the device process (pid {self.pid}) ended while loading "
+                           f"({self.exit_reason()})")
+    try:
+      kind, payload = self.conn.recv()
+    except (EOFError, OSError):
+      raise RuntimeError(f"the device process (pid {self.pid}) ended while loading "
+                         f"({self.exit_reason()})") from None
     if kind != "ready":
       raise RuntimeError(payload)
     return payload
@@ -349,25 +399,46 @@ class DeviceProcess:
     try:
       message = self.conn.recv()
     except (EOFError, OSError):
-      self._loop.remove_reader(self.conn.fileno())
-      self.process.join(1)
-      message = ("error", f"the device process died (exit code {self.process.exitcode})")
+      self._died()
+      return
     reply, self._reply = self._reply, None
     if reply is not None and not reply.done():
       reply.set_result(message)
 
+  def _died(self) -> None:
+    if self.dead:
+      return
+    self.dead = True
+    if self._loop is not None and not self.conn.closed:
+      self._loop.remove_reader(self.conn.fileno())
+    reason = f"the device process (pid {self.pid}) died ({self.exit_reason()})"
+    reply, self._reply = self._reply, None
+    if reply is not None and not reply.done():
+      reply.set_exception(DeviceUnavailable(reason))
+    if self.on_exit is not None:
+      self.on_exit(self)
+
   async def run(self, rows: Sequence[Row], k: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """``(scores [n, k], ids [n, k], device seconds)`` for rows (one call at a time)."""
-    if not self.process.is_alive():
-      raise RuntimeError(f"the device process died (exit code {self.process.exitcode})")
+    """``(scores [n, k], ids [n, k], device seconds)`` for rows (one call at a time).
+
+    Raises :class:`DeviceUnavailable` when the process is dead or dies meanwhile.
+    """
+    if self.dead or not self.process.is_alive():
+      raise DeviceUnavailable(f"the device process (pid {self.pid}) died "
+                              f"({self.exit_reason()})")
     self._reply = asyncio.get_running_loop().create_future()
-    self.conn.send(pack_rows(rows, k))
+    try:
+      self.conn.send(pack_rows(rows, k))
+    except OSError as e:  # the pipe broke: the process is gone (EOF follows)
+      self._reply = None
+      raise DeviceUnavailable(f"the device process (pid {self.pid}) is gone: {e}") from None
     kind, *payload = await self._reply
     if kind != "ok":
       raise RuntimeError(payload[0])
     return tuple(payload)
 
   def close(self) -> None:
+    self.on_exit = None  # closing is not dying
     if self._loop is not None and not self.conn.closed:
       self._loop.remove_reader(self.conn.fileno())
     self.conn.close()
@@ -375,6 +446,135 @@ class DeviceProcess:
     if self.process.is_alive():
       self.process.terminate()
       self.process.join(5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backoff:
+  """When to restart a dead device process: after ``first * 2**n`` seconds (at most
+  ``cap``), n the restarts since the device last stayed up ``stable`` seconds; after
+  ``max_restarts`` such restarts in a row the server gives up (the platform takes over)."""
+
+  first: float = 0.5
+  cap: float = 30.0
+  stable: float = 60.0
+  max_restarts: int = 6
+
+  def delay(self, n: int) -> float:
+    return min(self.cap, self.first * 2 ** n)
+
+
+class Supervisor:
+  """Keeps one device process up: starts it, restarts it with :class:`Backoff` when it
+  dies, and answers ``run`` through it (:class:`DeviceUnavailable` while it is down).
+
+  ``on_fatal(reason)`` is called when it gives up.
+  """
+
+  def __init__(self, bundle_dir: str, buckets: Sequence[int],
+               length_buckets: Sequence[int] | None, backoff: Backoff = Backoff(),
+               on_fatal: Callable[[str], None] | None = None):
+    self.args = (bundle_dir, tuple(buckets), length_buckets)
+    self.backoff = backoff
+    self.on_fatal = on_fatal
+    self.device: DeviceProcess | None = None
+    self.ready = False
+    self.restarts = 0           # successful restarts
+    self.streak = 0             # restarts since the device last stayed up `stable` seconds
+    self.down_reason = "loading"
+    self.fatal: str | None = None
+    self.load_seconds = 0.0     # the last start's duration (spawn, load, compile, warm-up)
+    self._ready_since = 0.0
+    self._retry_at = 0.0        # monotonic time the device should be ready again
+    self._loop: asyncio.AbstractEventLoop | None = None
+    self._task: asyncio.Task | None = None
+    self._starting: DeviceProcess | None = None
+    self._closed = False
+
+  def start(self) -> dict[str, Any]:
+    """Starts the device and blocks until it is ready (call it from a thread); then
+    :meth:`attach` on the event loop."""
+    started = time.monotonic()
+    device = self._starting = DeviceProcess(*self.args, on_exit=self._died)
+    try:
+      if self._closed:
+        raise RuntimeError("the server is shutting down")
+      info = device.wait_ready()
+    except BaseException:
+      device.close()
+      raise
+    finally:
+      self._starting = None
+    self.load_seconds = time.monotonic() - started
+    self.device = device
+    return info
+
+  def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+    self._loop = loop
+    self.device.attach(loop)
+    self.ready, self._ready_since = True, time.monotonic()
+    log.info("device process %d ready (started in %.1fs)", self.device.pid, self.load_seconds)
+
+  def retry_after(self) -> int:
+    """Seconds until the device should answer again (for ``Retry-After``)."""
+    return max(1, math.ceil(self._retry_at - time.monotonic()))
+
+  def _died(self, device: DeviceProcess) -> None:
+    if self._closed or device is not self.device:
+      return
+    self.ready = False
+    if time.monotonic() - self._ready_since >= self.backoff.stable:
+      self.streak = 0
+    self.down_reason = f"the device process (pid {device.pid}) died ({device.exit_reason()})"
+    log.error("%s", self.down_reason)
+    device.close()
+    self._retry_at = time.monotonic() + self.backoff.delay(self.streak) + self.load_seconds
+    self._task = self._loop.create_task(self._restart())
+
+  async def _restart(self) -> None:
+    loop = asyncio.get_running_loop()
+    while not self._closed:
+      if self.streak >= self.backoff.max_restarts:
+        self.fatal = (f"{self.down_reason}; giving up after {self.streak} restarts without "
+                      f"{self.backoff.stable:g}s of uptime")
+        log.error("%s", self.fatal)
+        if self.on_fatal is not None:
+          self.on_fatal(self.fatal)
+        return
+      delay = self.backoff.delay(self.streak)
+      self.streak += 1
+      self._retry_at = time.monotonic() + delay + self.load_seconds
+      log.warning("restarting the device process in %.1fs (restart %d in a row): %s",
+                  delay, self.streak, self.down_reason)
+      await asyncio.sleep(delay)
+      try:
+        await loop.run_in_executor(None, self.start)
+      except Exception as e:  # pylint: disable=broad-except
+        self.down_reason = f"the restarted device process failed: {e}"
+        log.error("%s", self.down_reason)
+        continue
+      if self._closed:
+        self.device.close()
+        return
+      self.restarts += 1
+      self.attach(loop)
+      log.info("device process restarted: pid %d (restart %d)", self.device.pid,
+               self.restarts)
+      return
+
+  async def run(self, rows: Sequence[Row], k: int) -> tuple[np.ndarray, np.ndarray, float]:
+    if not self.ready:
+      raise DeviceUnavailable(self.down_reason)
+    return await self.device.run(rows, k)
+
+  def close(self) -> None:
+    self._closed = True
+    if self._task is not None:
+      self._task.cancel()
+    starting = self._starting
+    if starting is not None:  # a start in a thread: end it now, not after its warm-up
+      starting.process.kill()
+    if self.device is not None:
+      self.device.close()
 
 
 # ---------------------------------------------------------------------------
@@ -387,9 +587,10 @@ class Batcher:
 
   Whatever is queued when the device becomes free (up to ``max_batch`` rows) is the next
   batch, so batches grow with the load and a lone request waits for nobody.
+  ``device``: anything with ``async run(rows, k)`` (a :class:`Supervisor`).
   """
 
-  def __init__(self, device: DeviceProcess, max_batch: int):
+  def __init__(self, device, max_batch: int):
     self.device = device
     self.max_batch = max_batch
     self.queue: asyncio.Queue = asyncio.Queue()
@@ -456,7 +657,7 @@ def _keys():
 
 
 def app_state(app) -> dict[str, Any]:
-  """The server's state (``ready``, ``error``, ``bundle``, ``device``, ``batcher``...)."""
+  """The server's state (``ready``, ``error``, ``bundle``, ``supervisor``, ``batcher``...)."""
   return app[_keys()[0]]
 
 
@@ -469,11 +670,22 @@ def routes_from_env(environ=os.environ) -> tuple[int, str, str]:
 def make_app(bundle_dir: str, *, health_route: str = DEFAULT_HEALTH_ROUTE,
              predict_route: str = DEFAULT_PREDICT_ROUTE, limits: Limits = Limits(),
              buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
-             length_buckets: Sequence[int] | None = None, naive: bool = False):
-  """The server: loads and warms up the bundle in the background, then answers."""
+             length_buckets: Sequence[int] | None = None, naive: bool = False,
+             backoff: Backoff = Backoff(), on_fatal: Callable[[str], None] | None = None):
+  """The server: loads and warms up the bundle in the background, then answers.
+
+  ``on_fatal(reason)`` is called when the bundle cannot be loaded or the device process
+  cannot be kept up (``recml serve`` then exits non-zero); without it the health route
+  answers 500 with the reason.
+  """
   from aiohttp import web  # pylint: disable=g-import-not-at-top
   state: dict[str, Any] = {"ready": False, "error": None}
   app = web.Application(client_max_size=limits.max_body_bytes)
+
+  def fatal(reason: str) -> None:
+    state["ready"], state["error"] = False, reason
+    if on_fatal is not None:
+      on_fatal(reason)
 
   def load():
     """Naive: the model in this process. Else: the vocabulary here (no JAX), the model in
@@ -487,8 +699,9 @@ def make_app(bundle_dir: str, *, health_route: str = DEFAULT_HEALTH_ROUTE,
       info = {"buckets": predictor.buckets, "length_buckets": predictor.length_buckets}
       state.update(predictor=predictor)
     else:
-      device = state["device"] = DeviceProcess(bundle_dir, buckets, length_buckets)
-      info = device.wait_ready()
+      supervisor = state["supervisor"] = Supervisor(bundle_dir, buckets, length_buckets,
+                                                    backoff, on_fatal=fatal)
+      info = supervisor.start()
       bundle = export.load_bundle(bundle_dir, verify=False, model=False)  # checked by device
     log.info("bundle %s (%s) compiled for batches %s x lengths %s and warmed up in %.1fs",
              bundle_dir, bundle.meta.get("model"), info["buckets"], info["length_buckets"],
@@ -501,13 +714,14 @@ def make_app(bundle_dir: str, *, health_route: str = DEFAULT_HEALTH_ROUTE,
       try:
         bundle, info = await loop.run_in_executor(None, load)
       except Exception as e:  # pylint: disable=broad-except
-        log.exception("cannot load %s", bundle_dir)
-        state["error"] = f"{type(e).__name__}: {e}"
+        reason = str(e) if type(e) is RuntimeError else f"{type(e).__name__}: {e}"  # pylint: disable=unidiomatic-typecheck  (the device's own message)
+        log.error("cannot load the bundle %s: %s", bundle_dir, reason)
+        fatal(f"cannot load the bundle {bundle_dir}: {reason}")
         return
       state.update(bundle=bundle, info=info)
       if not naive:
-        state["device"].attach(loop)
-        state["batcher"] = Batcher(state["device"], max(info["buckets"]))
+        state["supervisor"].attach(loop)
+        state["batcher"] = Batcher(state["supervisor"], max(info["buckets"]))
         state["batcher"].start()
       state["ready"] = True
     app_[_keys()[1]] = asyncio.get_running_loop().create_task(warm())
@@ -516,28 +730,40 @@ def make_app(bundle_dir: str, *, health_route: str = DEFAULT_HEALTH_ROUTE,
     app_[_keys()[1]].cancel()
     if "batcher" in state:
       await state["batcher"].stop()
-    if "device" in state:
-      state["device"].close()
+    if "supervisor" in state:
+      state["supervisor"].close()
 
-  def error(status: int, message: str):
-    return web.json_response({"error": message}, status=status)
+  def error(status: int, message: str, retry_after: int | None = None):
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+  def unavailable():
+    """``None`` when ready, else the answer saying why not (500: failed for good)."""
+    if state["error"]:  # for good (the CLI has exited)
+      return error(500, state["error"])
+    supervisor = state.get("supervisor")
+    if not state["ready"]:
+      return error(503, "loading: compiling and warming up the model", 1)
+    if supervisor is not None and not supervisor.ready:
+      return error(503, f"{supervisor.down_reason}; restarting it, retry later",
+                   supervisor.retry_after())
+    return None
 
   async def health(request):
     del request
-    if state["ready"] and "device" in state and not state["device"].process.is_alive():
-      state["ready"] = False
-      state["error"] = (f"the device process died (exit code "
-                        f"{state['device'].process.exitcode})")
-    if state["ready"]:
-      return web.json_response({"status": "ready", "model": state["bundle"].meta.get("model")})
-    if state["error"]:
-      return error(500, f"model failed to load: {state['error']}")
-    return error(503, "loading: compiling and warming up the model")
+    answer = unavailable()
+    if answer is not None:
+      return answer
+    out = {"status": "ready", "model": state["bundle"].meta.get("model")}
+    if "supervisor" in state:
+      out.update(device_pid=state["supervisor"].device.pid,
+                 device_restarts=state["supervisor"].restarts)
+    return web.json_response(out)
 
   async def metadata(request):
     del request
     if not state["ready"]:
-      return error(503, "loading")
+      return error(503, "loading", 1)
     meta = state["bundle"].meta
     keys = ("model", "max_len", "max_k", "item_vocab_size", "item_id_type", "created",
             "platforms")
@@ -551,26 +777,30 @@ def make_app(bundle_dir: str, *, health_route: str = DEFAULT_HEALTH_ROUTE,
     return web.json_response(out)
 
   async def predict(request):
-    if not state["ready"]:
-      return error(503, "the model is still loading; retry when the health route says ready")
+    answer = unavailable()
+    if answer is not None:
+      return answer
     if request.content_length is not None and request.content_length > limits.max_body_bytes:
-      return error(400, f"payload too large: {request.content_length} bytes > "
+      return error(413, f"payload too large: {request.content_length} bytes > "
                    f"{limits.max_body_bytes}")
     try:
       body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-      return error(400, f"payload too large: more than {limits.max_body_bytes} bytes")
+      return error(413, f"payload too large: more than {limits.max_body_bytes} bytes")
     bundle = state["bundle"]
     try:
       rows = parse_body(body, bundle, limits)
     except RequestError as e:
-      return error(400, str(e))
+      return error(e.status, str(e))
     if naive:  # one instance at a time, on the event loop
       results = [run_rows(state["predictor"], [row])[0] for row in rows]
     else:
       try:
         results = await state["batcher"].predict(rows)
-      except RuntimeError as e:  # the device process failed; the health route says so too
+      except DeviceUnavailable as e:  # dead or restarting: the client may retry
+        return error(503, f"{e}; restarting it, retry later",
+                     state["supervisor"].retry_after())
+      except RuntimeError as e:  # the model failed on this batch
         return error(500, str(e))
     import orjson  # pylint: disable=g-import-not-at-top
     return web.Response(body=orjson.dumps(
@@ -600,23 +830,68 @@ def default_registry() -> str:
   return os.path.join(os.path.abspath(root), "registry")
 
 
+def safe_relpath(name: str) -> str:
+  """A blob name relative to its bundle's prefix -> a relative local path that stays inside
+  the destination folder; raises ``ValueError`` for names that could leave it.
+
+  Refused: absolute names (a join drops the folder before them), empty segments (``a//b``;
+  after the prefix, ``//etc/passwd`` is absolute), ``.`` and ``..`` segments, NUL bytes.
+  One trailing ``/`` (a folder placeholder) is allowed and kept.
+  """
+  segments = name.split("/")
+  if name.endswith("/"):
+    segments.pop()
+  bad = [s for s in segments if s in ("", ".", "..")]
+  if not name or name.startswith("/") or bad or "\0" in name:
+    why = ("is absolute" if name.startswith("/") else "has a NUL byte" if "\0" in name
+           else f"has a {bad[0]!r} path segment" if bad else "is empty")
+    raise ValueError(f"unsafe blob name {name!r}: it {why}")
+  return os.path.join(*segments) + ("/" if name.endswith("/") else "")
+
+
+def blob_path(dest: str, prefix: str, name: str) -> str | None:
+  """The local file of blob ``name`` listed under ``prefix``, inside ``dest``; None for
+  folder placeholders (``prefix`` itself, names ending in ``/``).
+
+  Raises ``ValueError`` (naming the blob) for a name outside ``prefix`` or one that
+  :func:`safe_relpath` refuses; the resolved path is checked to be inside ``dest``.
+  """
+  if not name.startswith(prefix):
+    raise ValueError(f"blob {name!r} is not under the prefix {prefix!r}")
+  rel = name[len(prefix):]
+  if not rel:
+    return None
+  try:
+    rel = safe_relpath(rel)
+  except ValueError as e:
+    raise ValueError(f"blob {name!r}: {e}") from None
+  if rel.endswith("/"):
+    return None
+  root = os.path.realpath(dest)
+  path = os.path.realpath(os.path.join(root, rel))
+  if os.path.commonpath([root, path]) != root:  # e.g. a symlink inside dest
+    raise ValueError(f"blob {name!r} resolves to {path}, outside {root}")
+  return path
+
+
 def fetch_gcs(uri: str, dest: str) -> str:
-  """Copies a ``gs://`` bundle (Vertex sets ``AIP_STORAGE_URI``) into ``dest``."""
+  """Copies a ``gs://`` bundle (Vertex sets ``AIP_STORAGE_URI``) into ``dest``.
+
+  Every blob name is checked (:func:`blob_path`) before anything is downloaded: one
+  that would land outside ``dest`` fails the whole copy.
+  """
   from google.cloud import storage  # pylint: disable=g-import-not-at-top
   bucket_name, _, prefix = uri[len("gs://"):].partition("/")
   prefix = prefix.rstrip("/") + "/" if prefix else ""
   client = storage.Client()
-  count = 0
-  for blob in client.list_blobs(bucket_name, prefix=prefix):
-    rel = blob.name[len(prefix):]
-    if not rel or rel.endswith("/") or ".." in rel.split("/"):
-      continue
-    path = os.path.join(dest, rel)
+  blobs = [(blob, blob_path(dest, prefix, blob.name))
+           for blob in client.list_blobs(bucket_name, prefix=prefix)]
+  blobs = [(blob, path) for blob, path in blobs if path is not None]
+  if not blobs:
+    raise FileNotFoundError(f"nothing under {uri}")
+  for blob, path in blobs:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     blob.download_to_filename(path)
-    count += 1
-  if not count:
-    raise FileNotFoundError(f"nothing under {uri}")
   return dest
 
 
@@ -641,6 +916,8 @@ def register(subparsers) -> None:
   """Adds ``export``, ``serve`` and ``deploy`` to the ``recml`` CLI."""
   p = subparsers.add_parser("serve", help="serve a model bundle over HTTP (Vertex AI contract)",
                             description=__doc__.split("\n\n")[2],
+                            epilog=next(p for p in __doc__.split("\n\n")
+                                        if p.startswith("Failures:")),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--bundle", help="bundle directory or gs:// URI (default: $AIP_STORAGE_URI, "
                  "else the current model of the local registry)")
@@ -654,12 +931,18 @@ def register(subparsers) -> None:
   p.add_argument("--length-buckets", type=_int_list, metavar="N,N,...",
                  help="padded history lengths, one compiled shape each (default: powers of "
                  "two from 32 below max_len, then max_len)")
-  p.add_argument("--max-instances", type=int, default=Limits.max_instances)
-  p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
+  p.add_argument("--max-instances", type=int, default=Limits.max_instances,
+                 help="most instances per request; more get 400 (default %(default)s)")
+  p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
+                 help="largest request body in bytes; larger ones get 413 "
+                 "(default %(default)s = 1 MiB)")
   p.add_argument("--cpu-threads", type=int, default=1,
                  help="XLA CPU threads per device call (default 1: the event loop and the load "
                  "keep the other cores; measured 2x faster batches on a busy 2-core machine); "
                  "0 = XLA's default")
+  p.add_argument("--max-restarts", type=int, default=Backoff.max_restarts,
+                 help="device process restarts in a row (without a minute of uptime between "
+                 "them) before the server exits non-zero (default %(default)s)")
   p.add_argument("--naive", action="store_true",
                  help="no micro-batching: one request at a time (benchmark baseline)")
   p.set_defaults(func=cmd_serve)
@@ -698,8 +981,41 @@ def _buckets(max_batch: int) -> tuple[int, ...]:
   return export.doubling_buckets(1, max_batch)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def check_bundle(path: str) -> dict[str, Any]:
+  """What can be checked before binding the port, without JAX: the folder, its format
+  and every file against its sha256 (``bundle.json``). Raises OSError or ValueError."""
+  from trainers import export  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"bundle {path} does not exist or is not a directory")
+  return export.verify_bundle_files(path)
+
+
+async def _serve(bundle: str, host: str, port: int, **app_kwargs) -> int:
+  """Runs the server until SIGTERM/SIGINT (0) or a fatal error (1, reason on stderr)."""
   from aiohttp import web  # pylint: disable=g-import-not-at-top
+  loop = asyncio.get_running_loop()
+  stop = loop.create_future()
+
+  def finish(reason: str | None) -> None:
+    if not stop.done():
+      stop.set_result(reason)
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    loop.add_signal_handler(sig, finish, None)
+  app = make_app(bundle, on_fatal=finish, **app_kwargs)
+  runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+  await runner.setup()
+  try:
+    await web.TCPSite(runner, host, port).start()
+    reason = await stop
+  finally:
+    await runner.cleanup()
+  if reason is not None:
+    print(f"error: {reason}", file=sys.stderr, flush=True)
+    return 1
+  return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
   logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
   port, health_route, predict_route = routes_from_env()
@@ -707,22 +1023,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
   host = args.host or ("0.0.0.0" if os.environ.get("AIP_HTTP_PORT") else "127.0.0.1")
   try:
     bundle = resolve_bundle(args.bundle, args.registry)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    check_bundle(bundle)
+  except (OSError, ValueError) as e:
+    print(f"error: cannot serve {args.bundle or 'the current model'}: {e}", file=sys.stderr)
     return 2
   if args.cpu_threads == 1 and "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
                                "=false intra_op_parallelism_threads=1").strip()
   limits = Limits(max_body_bytes=args.max_body_bytes, max_instances=args.max_instances)
-  app = make_app(bundle, health_route=health_route, predict_route=predict_route,
-                 limits=limits, buckets=_buckets(args.max_batch),
-                 length_buckets=args.length_buckets, naive=args.naive)
   print(f"serving {bundle} on http://{host}:{port} (health {health_route}, predict "
         f"{predict_route}{', naive' if args.naive else ''})", flush=True)
   import uvloop  # pylint: disable=g-import-not-at-top
-  web.run_app(app, host=host, port=port, print=None, access_log=None,
-              loop=uvloop.new_event_loop())
-  return 0
+  with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    return runner.run(_serve(bundle, host, port, health_route=health_route,
+                             predict_route=predict_route, limits=limits,
+                             buckets=_buckets(args.max_batch),
+                             length_buckets=args.length_buckets, naive=args.naive,
+                             backoff=Backoff(max_restarts=args.max_restarts)))
 
 
 def cmd_export(args: argparse.Namespace) -> int:

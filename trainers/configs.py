@@ -23,6 +23,19 @@ from trainers import models
 
 LOSSES = ("sampled_softmax", "softmax")
 NEGATIVE_SHARING = ("position", "group", "sequence", "batch")
+# Items excluded from evaluation rankings: the user's whole history before the target
+# ("all"), only the last max_len items the model reads ("window", the HSTU code), none.
+HISTORY_EXCLUSION = ("all", "window", "none")
+
+
+def history_exclusion(value: Any) -> str:
+  """``exclude_history`` as a rule name; older configs' booleans: True -> "all", False -> "none"."""
+  if isinstance(value, bool):
+    return "all" if value else "none"
+  if value not in HISTORY_EXCLUSION:
+    raise ValueError(f"exclude_history must be one of {HISTORY_EXCLUSION} (or a boolean), "
+                     f"got {value!r}")
+  return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +71,7 @@ class TrainConfig:
   eval_every: int = 1                 # epochs
   eval_batch_size: int = 256
   top_ks: tuple[int, ...] = (10, 50, 200)
-  exclude_history: bool = True
+  exclude_history: str = "all"       # see HISTORY_EXCLUSION
   selection_metric: str = "ndcg@10"   # on the validation split
   patience: int = 10                  # evaluations without improvement before stopping; 0 = never
   # input
@@ -90,6 +103,7 @@ class TrainConfig:
         (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
         (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
     ]
+    object.__setattr__(self, "exclude_history", history_exclusion(self.exclude_history))
     for ok, message in checks:
       if not ok:
         raise ValueError(message)
@@ -123,6 +137,31 @@ class TrainConfig:
       if key in d:
         d[key] = tuple(d[key])
     return cls(**d)
+
+
+# Fields that may change when a run resumes from its work directory. Every other field
+# of TrainConfig and of the model's config (model, data, optimisation, loss, evaluation,
+# selection, input, seed) is the run's identity: its checkpoints continue only that
+# config. ``epochs`` extends a run (data order and randomness are functions of seed,
+# epoch and step, so the result equals an uninterrupted run of that many epochs);
+# ``log_every_steps`` changes no number.
+RESUMABLE_FIELDS = frozenset({"epochs", "log_every_steps"})
+
+
+def config_differences(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
+  """``{field: (old value, new value)}`` of the fields that differ, as JSON values.
+
+  Model fields are named ``model.KEY`` (as ``--set`` takes them); they are not listed
+  when the model itself differs.
+  """
+  a, b = json.loads(old.to_json()), json.loads(new.to_json())
+  a_model, b_model = a.pop("model_config"), b.pop("model_config")
+  diffs = {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+  if "model" not in diffs:
+    diffs.update({f"model.{k}": (a_model.get(k), b_model.get(k))
+                  for k in sorted(a_model.keys() | b_model.keys())
+                  if a_model.get(k) != b_model.get(k)})
+  return diffs
 
 
 def get_config(model: str = "sasrec", *, smoke: bool = False, **overrides: Any) -> TrainConfig:

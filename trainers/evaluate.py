@@ -4,12 +4,25 @@ The user representation is the model output at the last position of the
 history; scores are dot products with every candidate embedding. Metrics are
 the exact tie-aware expectations of :mod:`trainers.metrics`. Also home to the
 most-popular-item baseline, evaluated under the same protocol.
+
+Which items leave the ranking (``TrainConfig.exclude_history``, recorded as
+``history_exclusion`` in ``metrics.json``): ``all`` (default) every item of the
+user before the target (the examples' ``seen_items``, not truncated to
+``max_len``); ``window`` the last ``max_len`` items the model reads (the HSTU
+code's rule); ``none``. Padding and the OOV id are never candidates, and a
+target equal to the OOV id (a rare item with ``--min-item-count`` > 1) is not
+ranked: it weighs 0 and is counted (``<split>/oov_targets``, next to
+``<split>/ranked_targets``). A dataset written before ``seen_items`` existed
+gets ``window`` instead of ``all``, with a warning; re-run ``recml preprocess``
+to exclude the whole history.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +30,9 @@ import numpy as np
 
 from trainers import configs, features, metrics, models
 from trainers.checkpoints import Checkpoints, load_config_dict
-from trainers.input_pipeline import Batch, SequenceData
+from trainers.input_pipeline import Batch, SequenceData, model_batch
+
+log = logging.getLogger("recml.evaluate")
 
 
 def make_score_fn(model) -> Callable[[Any, Batch], jax.Array]:
@@ -34,26 +49,91 @@ def make_score_fn(model) -> Callable[[Any, Batch], jax.Array]:
   return score
 
 
-def make_eval_step(model, config: configs.TrainConfig):
-  """A jitted ``(params, batch) -> metric sums`` for one batch."""
-  score = make_score_fn(model)
+def make_metrics_step(ks: Iterable[int], rule: str) -> Callable[[jax.Array, Batch], Any]:
+  """A ``(scores, batch) -> metric sums`` step excluding the items of ``rule``.
+
+  ``all`` scatters the batch's ``seen_items`` (a power-of-two width: a few
+  compilations of this small function, not of the model) into the mask.
+  """
+  return _metrics_step(tuple(ks), configs.history_exclusion(rule))
+
+
+@functools.lru_cache(maxsize=None)
+def _metrics_step(ks: tuple[int, ...], rule: str):  # one jitted function per (ks, rule)
+  key = {"all": "seen_items", "window": "history", "none": None}[rule]
 
   @jax.jit
+  def sums(scores, target, weight, excluded):
+    return metrics.ranking_metrics(scores, target, weight, excluded, ks,
+                                   features.FIRST_ITEM_ID)
+
+  def step(scores, batch):
+    return sums(scores, batch["target"], batch["weight"], batch[key] if key else None)
+
+  return step
+
+
+def make_eval_step(model, config: configs.TrainConfig):
+  """A ``(params, batch) -> metric sums`` for one batch (jitted scoring, then metrics)."""
+  score = jax.jit(make_score_fn(model))
+  metric_step = make_metrics_step(config.top_ks, config.exclude_history)
+
   def eval_step(params, batch):
-    scores = score(params, batch)
-    history = batch["history"] if config.exclude_history else None
-    return metrics.ranking_metrics(scores, batch["target"], batch["weight"], history,
-                                   config.top_ks, features.FIRST_ITEM_ID)
+    return metric_step(score(params, model_batch(batch)), batch)
 
   return eval_step
 
 
-def run_eval(eval_step, params, data: SequenceData) -> dict[str, float]:
-  """Merges the per-batch sums of one split and returns the means."""
+def eval_sums(eval_step, params, data: SequenceData) -> dict[str, Any]:
+  """The merged per-batch sums of one split (host numpy)."""
   state: dict[str, Any] = {}
   for batch in data.batches():
     state = metrics.merge(state, eval_step(params, batch))
-  return metrics.compute(jax.device_get(state))
+  return jax.device_get(state)
+
+
+def run_eval(eval_step, params, data: SequenceData) -> dict[str, float]:
+  """Merges the per-batch sums of one split and returns the means."""
+  return metrics.compute(eval_sums(eval_step, params, data))
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_window_fallback(where: str) -> None:
+  log.warning("%s was written without %r (by an older `recml preprocess`): evaluation "
+              "excludes only the last max_len history items (history_exclusion: window), "
+              "not the whole history; re-run `recml preprocess` to exclude it all",
+              where, features.SEEN_ITEMS)
+
+
+def applied_exclusion(rule: Any, data: SequenceData) -> str:
+  """The rule ``data`` is evaluated with: ``rule``, but ``window`` for ``all`` on a
+  dataset without ``seen_items`` (its eval batches carry the window; warns once)."""
+  rule = configs.history_exclusion(rule)
+  if rule == "all" and not data.has_seen_items:
+    _warn_window_fallback(os.path.dirname(data.files[0]))
+    return "window"
+  return rule
+
+
+def target_counts(data: SequenceData) -> dict[str, int]:
+  """``ranked_targets`` and ``oov_targets`` of a split, counted from its examples."""
+  ranked = oov = 0.0
+  for batch in data.batches():
+    in_vocab = batch["target"] >= features.FIRST_ITEM_ID
+    ranked += float(batch["weight"][in_vocab].sum())
+    oov += float(batch["weight"][~in_vocab].sum())
+  return {"ranked_targets": int(ranked), "oov_targets": int(oov)}
+
+
+def evaluation_facts(rule: Any, data: Mapping[str, SequenceData]) -> dict[str, Any]:
+  """What ``metrics.json`` states about the protocol: ``history_exclusion`` (the rule
+  applied; ``all, window`` when splits differ) and ``<split>/ranked_targets`` and
+  ``<split>/oov_targets`` for each split of ``data``."""
+  applied = sorted({applied_exclusion(rule, d) for d in data.values()})
+  facts: dict[str, Any] = {"history_exclusion": ", ".join(applied)}
+  for split, d in data.items():
+    facts.update({f"{split}/{k}": v for k, v in target_counts(d).items()})
+  return facts
 
 
 def load_model(workdir: str, which: str = "best"):
@@ -76,14 +156,28 @@ def load_model(workdir: str, which: str = "best"):
   return config, model, params, meta
 
 
-def evaluate(workdir: str, data_dir: str | None = None, split: str = features.TEST,
-             batch_size: int | None = None) -> dict[str, float]:
-  """Metrics of a trained work directory's selected checkpoint on ``split``."""
+def evaluate_split(workdir: str, data_dir: str | None = None, split: str = features.TEST,
+                   batch_size: int | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+  """``(metrics, facts)`` of a trained work directory's selected checkpoint on ``split``.
+
+  ``facts``: ``history_exclusion`` and ``<split>/ranked_targets``, ``<split>/oov_targets``.
+  """
   config, model, params, _ = load_model(workdir)
   data_dir = data_dir or config.data_dir
   data = SequenceData(data_dir, split, batch_size or config.eval_batch_size,
                       config.model_config.max_len)
-  return run_eval(make_eval_step(model, config), params, data)
+  rule = applied_exclusion(config.exclude_history, data)
+  step = make_eval_step(model, config.replace(exclude_history=rule))
+  state = eval_sums(step, params, data)
+  facts = {"history_exclusion": rule,
+           **{f"{split}/{k}": v for k, v in metrics.counts(state).items()}}
+  return metrics.compute(state), facts
+
+
+def evaluate(workdir: str, data_dir: str | None = None, split: str = features.TEST,
+             batch_size: int | None = None) -> dict[str, float]:
+  """Metrics of a trained work directory's selected checkpoint on ``split``."""
+  return evaluate_split(workdir, data_dir, split, batch_size)[0]
 
 
 # ---------------------------------------------------------------------------
@@ -103,23 +197,18 @@ def item_counts(data_dir: str, vocab_size: int) -> np.ndarray:
 
 
 def popularity_baseline(data_dir: str, split: str = features.TEST, max_len: int = 200,
-                        ks: Iterable[int] = (10, 50, 200), exclude_history: bool = True,
+                        ks: Iterable[int] = (10, 50, 200), exclude_history: Any = "all",
                         batch_size: int = 512) -> dict[str, float]:
-  """Scores every user's candidates by training-set popularity."""
+  """Scores every user's candidates by training-set popularity, under the same rules
+  (``exclude_history`` as in TrainConfig; OOV targets are not ranked)."""
   info = features.load_dataset_info(data_dir)
   counts = jnp.asarray(item_counts(data_dir, info.item_vocab_size), jnp.float32)
-  ks = tuple(ks)
-
-  @jax.jit
-  def step(batch):
-    scores = jnp.broadcast_to(counts, (batch["target"].shape[0], counts.shape[0]))
-    history = batch["history"] if exclude_history else None
-    return metrics.ranking_metrics(scores, batch["target"], batch["weight"], history, ks,
-                                   features.FIRST_ITEM_ID)
-
+  data = SequenceData(data_dir, split, batch_size, max_len)
+  metric_step = make_metrics_step(ks, applied_exclusion(exclude_history, data))
+  scores = jnp.broadcast_to(counts, (batch_size, counts.shape[0]))
   state: dict[str, Any] = {}
-  for batch in SequenceData(data_dir, split, batch_size, max_len).batches():
-    state = metrics.merge(state, step(batch))
+  for batch in data.batches():
+    state = metrics.merge(state, metric_step(scores, batch))
   return metrics.compute(jax.device_get(state))
 
 

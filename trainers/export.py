@@ -18,8 +18,8 @@ user vector at the last history position . item table^T, the final block run for
 position only) followed, on device, by the exclusion of PAD/OOV and of the given history
 ids, and ``lax.top_k``::
 
-    serve(weights, item_ids[b, l] i32, timestamps[b, l] i32, query_timestamps[b, l] i32,
-          exclude_ids[b, l] i32) -> (scores[b, K] f32, ids[b, K] i32)
+    serve(weights, item_ids[b, l] i32, timestamps[b, l, 2] i32,
+          query_timestamps[b, l, 2] i32, exclude_ids[b, l] i32) -> (scores[b, K] f32, ids[b, K] i32)
 
 Both ``b`` and ``l`` are symbolic: a caller picks the padded shape per call, and a short
 history runs short (positions are right-aligned and HSTU's attention scale is the fixed
@@ -28,6 +28,14 @@ Sequences are right-aligned (left padding with 0, last column = most recent item
 ``query_timestamps[:, i]`` is the time at which position i's prediction is made (the
 next item's timestamp, and for the last column the request time), as in training.
 Excluded candidates score ``-inf``; callers drop those.
+
+Times: requests carry int64 unix seconds, the device takes int32. As in training
+(:func:`trainers.input_pipeline.model_batch`), each time goes in as the int32 (high,
+low) words of its offset from the row's latest query time
+(:func:`trainers.features.time_words`) and HSTU subtracts word by word: no date or gap
+overflows, and the scores are the trainer's for the same int64 times
+(:func:`time_inputs` converts; :class:`Predictor` does it for its callers). Bundles of
+format 1 and 2 take plain int32 offsets ``[b, l]`` (exact for gaps under 2**31 s).
 
 Writing a bundle needs the model code (Flax); loading one needs only ``jax`` and
 ``numpy`` (the serving image has nothing else), which is why Flax and the trainer are
@@ -49,6 +57,7 @@ import json
 import os
 import shutil
 import time
+import zipfile
 from typing import Any, Sequence
 
 import numpy as np
@@ -56,9 +65,10 @@ import numpy as np
 from trainers import features
 
 FORMAT = "recml-serving-bundle"
-FORMAT_VERSION = 2
-# Versions this code loads: 1 had a fixed history length (max_len), 2 a symbolic one.
-LOADABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+# Versions this code loads: 1 had a fixed history length (max_len), 2 a symbolic one,
+# 3 takes times as int32 words [b, l, 2] (1 and 2: int32 offsets [b, l]).
+LOADABLE_VERSIONS = (1, 2, 3)
 BUNDLE_FILE = "bundle.json"
 MODEL_FILE = "model.stablehlo"
 WEIGHTS_FILE = "weights.npz"
@@ -68,6 +78,9 @@ DEFAULT_MAX_K = 100
 # an accelerator can load the same bundle.
 PLATFORMS = ("cpu", "cuda", "tpu")
 INPUTS = ("item_ids", "timestamps", "query_timestamps", "exclude_ids")
+TIME_INPUTS = ("timestamps", "query_timestamps")
+TIME_UNITS = ("int32 (high, low) words of the offset in seconds from the row's latest query "
+              "time (trainers.features.time_words)")
 OUTPUTS = ("scores", "ids")
 
 
@@ -123,8 +136,10 @@ def export_model(model, params, max_len: int, max_k: int,
   fn = serving_function(model, max_k)(treedef)
   b, length = export.symbolic_shape("b, l", constraints=[f"l <= {int(max_len)}"])
   seq = jax.ShapeDtypeStruct((b, length), np.int32)
+  times = jax.ShapeDtypeStruct((b, length, 2), np.int32)  # features.time_words
   weights = tuple(jax.ShapeDtypeStruct(np.shape(w), np.asarray(w).dtype) for w in leaves)
-  exported = export.export(jax.jit(fn), platforms=tuple(platforms))(weights, seq, seq, seq, seq)
+  exported = export.export(jax.jit(fn), platforms=tuple(platforms))(
+      weights, seq, times, times, seq)
   return exported, leaves, treedef
 
 
@@ -207,7 +222,9 @@ def export_bundle(workdir: str, out_dir: str, data_dir: str | None = None,
       "item_id_type": _item_id_type(vocab),
       "platforms": list(exported.platforms),
       "signature": {
-          "inputs": {n: {"shape": ["b", "l"], "dtype": "int32"} for n in INPUTS},
+          "inputs": {n: ({"shape": ["b", "l", 2], "dtype": "int32", "units": TIME_UNITS}
+                         if n in TIME_INPUTS else {"shape": ["b", "l"], "dtype": "int32"})
+                     for n in INPUTS},
           "weights": [{"name": _weight_name(i), "path": p, "shape": list(np.shape(w)),
                        "dtype": str(np.asarray(w).dtype)}
                       for i, (p, w) in enumerate(zip(paths, leaves))],
@@ -322,13 +339,34 @@ def _load_model(path: str, meta: dict[str, Any]):
   with open(os.path.join(path, MODEL_FILE), "rb") as f:
     exported = export.deserialize(bytearray(f.read()))
   specs = meta["signature"]["weights"]
-  with np.load(os.path.join(path, WEIGHTS_FILE), allow_pickle=False) as npz:
-    weights = tuple(npz[s["name"]] for s in specs)
+  try:
+    with np.load(os.path.join(path, WEIGHTS_FILE), allow_pickle=False) as npz:
+      weights = tuple(npz[s["name"]] for s in specs)
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    raise BundleError(f"{path}: {WEIGHTS_FILE} is unreadable: {type(e).__name__}: {e}") from None
   expected = exported.in_avals[:len(weights)]
   if len(exported.in_avals) != len(weights) + len(INPUTS) or any(
       tuple(a.shape) != w.shape or a.dtype != w.dtype for a, w in zip(expected, weights)):
     raise BundleError(f"{path}: weights.npz does not match the exported model's inputs")
   return exported, weights
+
+
+def time_inputs(timestamps: np.ndarray, query_timestamps: np.ndarray, words: bool = True
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """int64 ``[n, L]`` unix seconds (0 at padding) -> the exported function's two time
+  inputs: the trainer's int32 words ``[n, L, 2]`` (:func:`trainers.input_pipeline.model_batch`),
+  or for format 1 and 2 bundles (``words=False``) int32 offsets ``[n, L]`` from the same
+  reference, saturated at the int32 range (exact for gaps under 2**31 s)."""
+  from trainers import input_pipeline  # pylint: disable=g-import-not-at-top  (numpy only)
+  batch = {"timestamps": np.asarray(timestamps, np.int64),
+           "query_timestamps": np.asarray(query_timestamps, np.int64)}
+  if words:
+    batch = input_pipeline.model_batch(batch)
+    return batch["timestamps"], batch["query_timestamps"]
+  reference = batch["query_timestamps"].max(axis=-1, keepdims=True)
+  info = np.iinfo(np.int32)
+  return tuple(np.clip(batch[k] - reference, info.min, info.max).astype(np.int32)
+               for k in TIME_INPUTS)
 
 
 def right_align(rows: Sequence[Sequence[int]], length: int, out: np.ndarray | None = None):
@@ -390,6 +428,8 @@ class Predictor:
                                          | {bundle.max_len}))
       if self.length_buckets[0] < 1:
         raise ValueError(f"bad length buckets {length_buckets}")
+    # format 3 takes times as int32 words [b, l, 2]; 1 and 2 as int32 offsets [b, l]
+    self.time_words = len(bundle.exported.in_avals[len(bundle.weights) + 1].shape) == 3
     self._weights = tuple(jax.device_put(w) for w in bundle.weights)
     self._call = jax.jit(bundle.exported.call)
     # seconds per call of each (batch bucket, length bucket), measured by warmup()
@@ -404,8 +444,8 @@ class Predictor:
 
   def run(self, item_ids: np.ndarray, timestamps: np.ndarray, query_timestamps: np.ndarray,
           exclude_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``[n, L]`` int32 inputs (n <= max_batch, L a length bucket) -> ``(scores [n, K],
-    ids [n, K])``."""
+    """``[n, L]`` inputs (n <= max_batch, L a length bucket; ids int32, times int64 unix
+    seconds, 0 at padding) -> ``(scores [n, K], ids [n, K])``."""
     n, length = item_ids.shape
     if length not in self.length_buckets:
       raise ValueError(f"length {length} is not one of the length buckets "
@@ -414,6 +454,7 @@ class Predictor:
     args = [item_ids, timestamps, query_timestamps, exclude_ids]
     if size != n:
       args = [np.pad(a, ((0, size - n), (0, 0))) for a in args]
+    args[1:3] = time_inputs(args[1], args[2], self.time_words)
     scores, ids = self._call(self._weights, *args)
     return np.asarray(scores)[:n], np.asarray(ids)[:n]
 

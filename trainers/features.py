@@ -46,6 +46,9 @@ ITEM_IDS = "item_ids"          # int64 list: item indices, oldest first
 TIMESTAMPS = "timestamps"      # int64 list: unix seconds, aligned with ITEM_IDS
 TARGET_ITEM = "target_item"    # int64 scalar (valid/test): the held-out item
 TARGET_TIMESTAMP = "target_timestamp"  # int64 scalar (valid/test)
+# int64 list (valid/test): every distinct item id of the user before the target,
+# ascending, not truncated to max_len. Evaluation excludes them from the ranking.
+SEEN_ITEMS = "seen_items"
 
 # Raw (pre-transform) column names that readers produce and tf.transform consumes.
 RAW_USER = "user"
@@ -99,7 +102,8 @@ def split_user_events(
     timestamps: unix seconds aligned with ``item_ids``.
     max_len: the model's maximum history length. Histories keep the most recent
       ``max_len`` items; the training sequence keeps ``max_len + 1`` so that it
-      yields ``max_len`` (input, next item) pairs.
+      yields ``max_len`` (input, next item) pairs. ``SEEN_ITEMS`` of the valid and
+      test examples covers every earlier event, so callers pass all of them.
 
   Returns:
     The user's examples, or ``None`` when the user has fewer than
@@ -125,9 +129,11 @@ def split_user_events(
   if n - 2 >= 2:
     train = {USER_ID: user_id, **history(n - 2, max_len + 1)}
   valid = {USER_ID: user_id, **history(n - 2, max_len),
-           TARGET_ITEM: items[n - 2], TARGET_TIMESTAMP: ts[n - 2]}
+           TARGET_ITEM: items[n - 2], TARGET_TIMESTAMP: ts[n - 2],
+           SEEN_ITEMS: sorted(set(items[:n - 2]))}
   test = {USER_ID: user_id, **history(n - 1, max_len),
-          TARGET_ITEM: items[n - 1], TARGET_TIMESTAMP: ts[n - 1]}
+          TARGET_ITEM: items[n - 1], TARGET_TIMESTAMP: ts[n - 1],
+          SEEN_ITEMS: sorted(set(items[:n - 1]))}
   return UserSplits(user_id=user_id, train=train, valid=valid, test=test)
 
 
@@ -183,6 +189,7 @@ def feature_spec(split: str) -> dict[str, Any]:
   if split != TRAIN:
     spec[TARGET_ITEM] = tf.io.FixedLenFeature([], tf.int64)
     spec[TARGET_TIMESTAMP] = tf.io.FixedLenFeature([], tf.int64)
+    spec[SEEN_ITEMS] = tf.io.RaggedFeature(tf.int64)  # empty rows in older datasets
   return spec
 
 
@@ -201,6 +208,50 @@ def split_files(data_dir: str, split: str) -> list[str]:
 
 def is_compressed(path: str) -> bool:
   return path.endswith(".gz")
+
+
+def split_has_feature(data_dir: str, split: str, name: str) -> bool:
+  """Whether the first example of a split carries feature ``name`` (True if it is empty).
+
+  Tells datasets written before a feature was added (parsing fills a missing
+  ragged feature with empty rows, which reads like a real empty list).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
+  files = split_files(data_dir, split)
+  records = tf.data.TFRecordDataset(files, "GZIP" if is_compressed(files[0]) else "")
+  for record in records.take(1):
+    return name in example_pb2.Example.FromString(record.numpy()).features.feature
+  return True
+
+
+# ---------------------------------------------------------------------------
+# Times as the models take them
+# ---------------------------------------------------------------------------
+# Timestamps are int64 everywhere outside the compiled model (TFRecords, input
+# batches). JAX computes in 32 bits (x64 is off), and an int64 array handed to a
+# jitted function is silently wrapped to int32, so the batches' int64 times enter the
+# model as two int32 words of their offset from a per-sequence reference (the row's
+# latest query time): ``time - reference = high * 2**TIME_WORD_BITS + low`` with
+# ``0 <= low < 2**TIME_WORD_BITS``. HSTU's time bias subtracts word by word
+# (:func:`trainers.models.hstu.time_gaps`), so a gap's only error is float32's rounding
+# of the gap itself (relative, below 2**-23), whatever the times' magnitude or unit, for
+# offsets below 2**55.
+# Models only use differences of times, which the reference leaves unchanged.
+TIME_WORD_BITS = 24
+_INT32 = np.iinfo(np.int32)
+
+
+def time_words(times: np.ndarray, reference: np.ndarray) -> np.ndarray:
+  """int64 ``[B, L]`` times -> int32 ``[B, L, 2]`` (high, low) words of ``times - reference``.
+
+  ``reference`` is ``[B]`` (one time per row). Offsets beyond 2**55 (padding of a row
+  whose reference is beyond 2**55) saturate the high word.
+  """
+  offset = np.asarray(times, np.int64) - np.asarray(reference, np.int64)[..., None]
+  high = np.clip(offset >> TIME_WORD_BITS, _INT32.min, _INT32.max)
+  low = offset & ((1 << TIME_WORD_BITS) - 1)
+  return np.stack([high, low], axis=-1).astype(np.int32)
 
 
 # ---------------------------------------------------------------------------
@@ -222,6 +273,12 @@ class DatasetInfo:
   vocab_files: dict[str, str] = dataclasses.field(default_factory=dict)
   extra_vocab_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
   schema_version: int = SCHEMA_VERSION
+  # Quarantined rows per reason kind ("non-numeric user id": 12, ...); they sum
+  # to counts["rows_quarantined"].
+  quarantine: dict[str, int] = dataclasses.field(default_factory=dict)
+  # Unit of the raw input's timestamps ("s", "ms", "us", "ns"; "none" for formats
+  # without timestamps), detected or declared. The dataset itself holds seconds.
+  source_timestamp_unit: str = "s"
 
   @property
   def num_items(self) -> int:

@@ -10,9 +10,14 @@ train: ``inputs``, ``timestamps``, ``query_timestamps``, ``targets``,
 ``weights`` -- all ``[B, L]``; ``weights`` is 0 at padding and OOV targets.
 
 eval: ``history``, ``timestamps``, ``query_timestamps`` (``[B, L]``),
-``target``, ``weight`` (``[B]``).
+``target``, ``weight`` (``[B]``), ``seen_items`` (``[B, W]``: every item before the
+target, 0-padded to a power of two ``W``; the last ``max_len`` history items in
+datasets written without it, see ``has_seen_items``).
 
-Timestamps become int32 (unix seconds fit until 2038); the model uses differences.
+Timestamps stay int64 (``TIME_KEYS``; any magnitude or unit); everything else is
+int32 or float32. :func:`model_batch` turns a batch's times into what the models
+take (int32 words of offsets, see :func:`trainers.features.time_words`): call it
+on every batch handed to a jitted model, since JAX wraps int64 inputs to int32.
 
 Length buckets (train only): about half the positions of a MovieLens batch are
 padding. With ``length_buckets``, each window of ``bucket_window`` shuffled
@@ -32,6 +37,18 @@ import numpy as np
 from trainers import features
 
 Batch = dict[str, np.ndarray]
+TIME_KEYS = ("timestamps", "query_timestamps")
+
+
+def _dtype(tf, key: str):
+  return tf.int64 if key in TIME_KEYS else tf.float32 if key in ("weights", "weight") else tf.int32
+
+
+def model_batch(batch: Batch) -> Batch:
+  """``batch`` with its int64 times as int32 words of their offset from each row's
+  latest query time (``[B, L, 2]``), the form a jitted model takes exactly."""
+  reference = batch["query_timestamps"].max(axis=-1)
+  return {**batch, **{k: features.time_words(batch[k], reference) for k in TIME_KEYS}}
 
 
 def _tf():
@@ -59,6 +76,16 @@ def _pad_rows(tf, x, batch_size: int):
   n = tf.shape(x)[0]
   paddings = [[0, batch_size - n]] + [[0, 0]] * (len(x.shape) - 1)
   return tf.ensure_shape(tf.pad(x, paddings), [batch_size] + list(x.shape[1:]))
+
+
+def _pad_to_power_of_two(tf, ragged):
+  """Ragged ``[B, None]`` -> dense ``[B, W]`` padded with 0 on the right, ``W`` the
+  smallest power of two that holds the longest row: few shapes, few compilations."""
+  dense = ragged.to_tensor(default_value=0)
+  longest = tf.maximum(tf.shape(dense, out_type=tf.int64)[1], 1)
+  widths = tf.constant([1 << i for i in range(40)], tf.int64)
+  width = tf.gather(widths, tf.searchsorted(widths, longest[None]))[0]
+  return tf.pad(dense, [[0, 0], [0, width - tf.shape(dense, out_type=tf.int64)[1]]])
 
 
 class SequenceData:
@@ -89,6 +116,9 @@ class SequenceData:
                                  num_parallel_reads=1)
     self._records = ds.cache() if cache else ds
     self._spec = features.feature_spec(split)
+    # Datasets written before SEEN_ITEMS: eval batches carry the history window instead.
+    self.has_seen_items = split == features.TRAIN or features.split_has_feature(
+        data_dir, split, features.SEEN_ITEMS)
 
   def _parse_train(self, serialized):
     tf = _tf()
@@ -105,7 +135,7 @@ class SequenceData:
     }
     rows = b * (self.bucket_window if self.bucketed else 1)
     out = {k: _pad_rows(tf, v, rows) for k, v in out.items()}
-    return {k: tf.cast(v, tf.float32 if k == "weights" else tf.int32) for k, v in out.items()}
+    return {k: tf.cast(v, _dtype(tf, k)) for k, v in out.items()}
 
   def _parse_eval(self, serialized):
     tf = _tf()
@@ -120,9 +150,11 @@ class SequenceData:
         "query_timestamps": _right_align(tf, next_ts, length),
         "target": ex[features.TARGET_ITEM],
         "weight": tf.ones_like(ex[features.TARGET_ITEM], tf.float32),
+        "seen_items": _pad_to_power_of_two(
+            tf, ex[features.SEEN_ITEMS] if self.has_seen_items else items[:, -length:]),
     }
     out = {k: _pad_rows(tf, v, b) for k, v in out.items()}
-    return {k: tf.cast(v, tf.float32 if k == "weight" else tf.int32) for k, v in out.items()}
+    return {k: tf.cast(v, _dtype(tf, k)) for k, v in out.items()}
 
   @property
   def bucketed(self) -> bool:

@@ -5,7 +5,9 @@ Example::
     recml train --data /tmp/ml1m --model hstu --workdir runs/hstu --epochs 40
     recml train --data /tmp/ml1m --model sasrec --workdir runs/s --set num_negatives=256
 
-Re-running the same command resumes from ``--workdir``.
+Re-running the same command resumes from ``--workdir``; so does raising ``--epochs``.
+Any other change (model, data, ``--set``) is refused for a work directory that holds
+checkpoints: train it in a new ``--workdir``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def register(subparsers) -> None:
 def _main(args: argparse.Namespace) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   from trainers import configs, train  # pylint: disable=g-import-not-at-top
+  from trainers.checkpoints import WorkdirConflict  # pylint: disable=g-import-not-at-top
   try:
     config = configs.get_config(args.model, smoke=args.smoke, data_dir=args.data)
     if args.epochs is not None:
@@ -46,7 +49,11 @@ def _main(args: argparse.Namespace) -> int:
   except ValueError as e:
     print(f"recml train: {e}", file=sys.stderr)
     return 2
-  summary = train.train_and_evaluate(config, args.workdir)
+  try:
+    summary = train.train_and_evaluate(config, args.workdir)
+  except WorkdirConflict as e:
+    print(f"recml train: {e}", file=sys.stderr)
+    return 2
   print(json.dumps({k: summary[k] for k in ("model", "dataset", "selected_epoch", "valid",
                                             "test", "seconds_per_epoch")}, indent=2))
   print(f"metrics: {args.workdir}/metrics.json")

@@ -14,7 +14,9 @@ lucky or unlucky rank::
     NDCG@K = E[1/log2(rank + 1); rank<=K] = sum_{r=g+1}^{min(g+t+1, K)} 1/log2(r+1) / (t+1)
     MRR    = E[1/rank]                    = sum_{r=g+1}^{g+t+1} 1/r / (t+1)
 
-HR@K equals Recall@K with a single target.
+HR@K equals Recall@K with a single target. Targets that are not candidates
+(ids below ``first_candidate``: padding, the out-of-vocabulary bucket) are not
+ranked: they weigh 0 and are counted apart (``oov_targets``, see :func:`counts`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 State = dict[str, jax.Array]
+# Sums that are counts, not per-target metrics: ``compute`` leaves them out.
+COUNT_KEYS = ("count", "oov_targets")
 
 
 def merge(a: Mapping[str, jax.Array], b: Mapping[str, jax.Array]) -> State:
@@ -87,19 +91,36 @@ def ranking_sums(greater: jax.Array, ties: jax.Array, weights: jax.Array,
 def ranking_metrics(scores: jax.Array, targets: jax.Array, weights: jax.Array | None = None,
                     history: jax.Array | None = None, ks: Sequence[int] = (10, 50, 200),
                     first_candidate: int = 0) -> State:
-  """Batch sums of HR@K, NDCG@K, MRR for full ranking (see module docstring)."""
+  """Batch sums of HR@K, NDCG@K, MRR for full ranking (see module docstring).
+
+  Rows whose target is below ``first_candidate`` weigh 0; their weight goes to
+  ``oov_targets``. ``count`` is the weight of the ranked targets.
+  """
   if weights is None:
     weights = jnp.ones(targets.shape, jnp.float32)
+  weights = weights.astype(jnp.float32)
+  ranked = targets >= first_candidate
   g, t = rank_counts(scores, targets, history, first_candidate)
-  return ranking_sums(g, t, weights, ks, scores.shape[1] - first_candidate)
+  out = ranking_sums(g, t, jnp.where(ranked, weights, 0.0), ks,
+                     scores.shape[1] - first_candidate)
+  out["oov_targets"] = jnp.sum(jnp.where(ranked, 0.0, weights))
+  return out
 
 
 def compute(state: Mapping[str, jax.Array]) -> dict[str, float]:
-  """Means from summed states: every key but ``count`` divided by ``count``."""
+  """Means from summed states: every key but the counts divided by ``count``."""
   count = float(state["count"])
   if count == 0:
-    raise ValueError("no examples were evaluated (count is 0)")
-  return {k: float(v) / count for k, v in sorted(state.items()) if k != "count"}
+    oov = float(state.get("oov_targets", 0))
+    raise ValueError("no examples were evaluated (count is 0" +
+                     (f"; all {oov:.0f} targets are out of vocabulary)" if oov else ")"))
+  return {k: float(v) / count for k, v in sorted(state.items()) if k not in COUNT_KEYS}
+
+
+def counts(state: Mapping[str, jax.Array]) -> dict[str, int]:
+  """``ranked_targets`` (the weight of the ranked rows) and ``oov_targets`` of a state."""
+  return {"ranked_targets": int(round(float(state.get("count", 0)))),
+          "oov_targets": int(round(float(state.get("oov_targets", 0))))}
 
 
 # ---------------------------------------------------------------------------

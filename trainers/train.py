@@ -5,7 +5,8 @@ functions, checkpoint restore, eval setup, loop, summary. A run resumes from
 its work directory by itself: re-running the same command after a crash
 continues from the last completed epoch and ends with the same parameters as
 an uninterrupted run (data order and randomness are functions of seed, epoch
-and step only).
+and step only). Raising ``epochs`` continues a run; any other change of the config
+is refused before anything is written (:func:`trainers.checkpoints.check_resume`).
 
 Outputs in ``workdir``: ``config.json``, ``log.jsonl`` (one JSON object per
 epoch), ``metrics.json`` (the selected epoch's valid/test metrics, best test per
@@ -34,13 +35,13 @@ import tensorboardX
 import tqdm
 
 from trainers import configs, features, losses, models, sharding
-from trainers.checkpoints import Checkpoints, abstract_tree, save_config
-from trainers.evaluate import dataset_name, make_eval_step, run_eval
-from trainers.input_pipeline import SequenceData
+from trainers.checkpoints import (METRICS_FILE, Checkpoints, abstract_tree, best_meta,
+                                  check_resume, save_config)
+from trainers.evaluate import dataset_name, evaluation_facts, make_eval_step, run_eval
+from trainers.input_pipeline import SequenceData, model_batch
 
 log = logging.getLogger("recml.train")
 LOG_FILE = "log.jsonl"
-METRICS_FILE = "metrics.json"
 
 
 def make_optimizer(config: configs.TrainConfig) -> optax.GradientTransformation:
@@ -102,7 +103,11 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
   info = features.load_dataset_info(config.data_dir)
   model_config = dataclasses.replace(config.model_config, vocab_size=info.item_vocab_size)
   config = config.replace(model_config=model_config)
-  os.makedirs(workdir, exist_ok=True)
+  # The work directory's own run continues only with its config (checked before any write).
+  record = check_resume(workdir, config)
+  if record is not None and record.get("stopped") and config.epochs > record["epoch"]:
+    log.warning("%s stopped early after epoch %d: more epochs continue nothing (patience %d)",
+                workdir, record["epoch"], config.patience)
   save_config(workdir, config.to_json())
   max_len = model_config.max_len
   if max_len > info.max_len:
@@ -123,6 +128,7 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
       bucket_window=config.bucket_window)
   eval_data = {split: SequenceData(config.data_dir, split, config.eval_batch_size, max_len)
                for split in (features.VALID, features.TEST)}
+  eval_facts = evaluation_facts(config.exclude_history, eval_data)  # exclusion rule, counts
   num_train = info.num_examples[features.TRAIN]
   steps_per_epoch = math.ceil(num_train / config.batch_size)
   if config.max_steps_per_epoch:
@@ -168,6 +174,7 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
   if restored is not None:
     state, meta = restored
     log.info("resumed from epoch %d (step %d)", meta["epoch"], int(state["step"]))
+    ckpt.check_best(meta, state["params"])
   # The log is rewritten from the checkpoint, dropping epochs that were logged but not saved.
   with open(os.path.join(workdir, LOG_FILE), "w") as f:
     f.writelines(json.dumps(e) + "\n" for e in meta["history"])
@@ -191,7 +198,7 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
     pending = None
     for batch in train_data.batches(epoch, config.seed, config.max_steps_per_epoch):
       sequences += int(np.count_nonzero(batch["weights"].any(axis=1)))
-      state, loss = train_step(state, batch)
+      state, loss = train_step(state, model_batch(batch))
       if pending is not None:  # read the previous loss: keeps the device a step ahead
         losses_sum += float(pending)
         loss_count += 1
@@ -222,7 +229,6 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
       if _better(value, (meta["best"] or {}).get("value")):
         meta["best"] = {"epoch": epoch, "value": value, **results}
         meta["stale_evals"] = 0
-        ckpt.save_best(epoch, state["params"], {"epoch": epoch, **results})
       else:
         meta["stale_evals"] += 1
         if config.patience and meta["stale_evals"] >= config.patience:
@@ -230,7 +236,11 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
     meta["history"].append(entry)
     meta["epoch"] = epoch
     _log_epoch(entry, metric_name, tb, workdir)
+    # latest (whose record names the best epoch) first, then best: a kill in between
+    # leaves a record that check_best repairs from the latest state on resume.
     ckpt.save_latest(epoch, state, meta)
+    if meta["best"] is not None and meta["best"]["epoch"] == epoch:
+      ckpt.save_best(epoch, state["params"], best_meta(meta["best"]))
   ckpt.wait()
   ckpt.close()
   tb.close()
@@ -238,9 +248,13 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
   # ----------------------------------------------------------------- summary
   summary = _summary(config, meta, info, num_params, steps_per_epoch)
   summary["dataset"] = dataset_name(config.data_dir)
-  with open(os.path.join(workdir, METRICS_FILE), "w") as f:
+  summary.update(eval_facts)
+  # Written once every checkpoint is durable, atomically: it names the selected epoch.
+  metrics_path = os.path.join(workdir, METRICS_FILE)
+  with open(f"{metrics_path}.tmp", "w") as f:
     json.dump(summary, f, indent=2, sort_keys=True)
     f.write("\n")
+  os.replace(f"{metrics_path}.tmp", metrics_path)
   return summary
 
 

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from components.preprocess.sources import FORMATS
+from components.preprocess.sources import FORMATS, TIMESTAMP_UNITS
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -35,6 +35,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                  help="items seen fewer times map to the OOV id (default 1: keep all)")
   p.add_argument("--bad-rows-threshold", type=float, default=0.01,
                  help="fail when the fraction of malformed rows exceeds this (default 0.01)")
+  p.add_argument("--timestamp-unit", choices=("auto", *TIMESTAMP_UNITS), default="auto",
+                 help="unit of integer input timestamps; auto (default): from the median "
+                 "of a sample (< 1e11: s, < 1e14: ms, < 1e17: us, else ns). The dataset "
+                 "holds seconds either way")
   cols = p.add_argument_group("column mapping (csv, parquet, bigquery)")
   for column in ("user", "item", "timestamp", "category", "behavior"):
     cols.add_argument(f"--{column}-col", default=None, metavar="NAME|INDEX",
@@ -89,7 +93,8 @@ def main(args: argparse.Namespace) -> int:
         num_shards=args.num_shards, runner=args.runner, project=args.project,
         region=args.region, temp_location=args.temp_location,
         machine_type=args.machine_type, sdk_container_image=args.sdk_container_image,
-        bigquery_method=args.bigquery_method, pipeline_args=args.pipeline_args)
+        bigquery_method=args.bigquery_method, pipeline_args=args.pipeline_args,
+        timestamp_unit=args.timestamp_unit)
   except (sources.InputError, step.BadInputError) as e:
     print(f"recml preprocess: error: {e}", file=sys.stderr)
     return 2

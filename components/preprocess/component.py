@@ -4,6 +4,12 @@ The logic is :func:`components.preprocess.run` (Beam + tf.transform); this modul
 maps it onto typed artifacts: the ``Dataset`` (with vocabulary size, users, examples per
 split and row counts as metadata), a ``Metrics`` artifact of the same counts, and the
 step's Markdown summary (rows read / kept / quarantined and why).
+
+The step takes the input's fingerprint (the fingerprint step's digest) as a parameter,
+so its cache key changes when the data does, and returns the dataset identity
+(:func:`components.fingerprint.dataset_identity`), which it also records in
+``dataset_info.json`` (``source.fingerprint``, ``source.dataset_id``) and the
+Dataset's metadata.
 """
 
 
@@ -12,6 +18,14 @@ from typing import Any, Mapping, Sequence
 from kfp.dsl import Dataset, Markdown, Metrics, Output
 
 from components import kfp_step
+
+
+def record_identity(data_dir: str, fingerprint: str, dataset_id: str) -> None:
+  """Adds the input's fingerprint and the dataset identity to ``dataset_info.json``."""
+  from trainers import features  # pylint: disable=g-import-not-at-top
+  info = features.load_dataset_info(data_dir)
+  info.source.update({"fingerprint": fingerprint, "dataset_id": dataset_id})
+  info.save(data_dir)
 
 
 def dataset_metadata(data_dir: str) -> dict[str, Any]:
@@ -27,7 +41,11 @@ def dataset_metadata(data_dir: str) -> dict[str, Any]:
   }
   meta.update({f"examples/{k}": v for k, v in info.num_examples.items()})
   meta.update({f"rows/{k}": v for k, v in info.counts.items()})
+  meta.update({f"quarantined/{k}": v for k, v in info.quarantine.items()})
+  meta["source_timestamp_unit"] = info.source_timestamp_unit
   meta["source"] = {k: v for k, v in info.source.items() if isinstance(v, (str, int, float))}
+  if info.source.get("dataset_id"):
+    meta["dataset_id"] = info.source["dataset_id"]
   return meta
 
 
@@ -71,7 +89,9 @@ def preprocess(
     min_item_count: int = 1,
     bad_rows_threshold: float = 0.01,
     beam_args: list = [],  # pylint: disable=dangerous-default-value
-):
+    fingerprint: str = "",
+    timestamp_unit: str = "auto",
+) -> str:
   """Reads raw events, applies the split protocol and writes the sequence dataset.
 
   Args:
@@ -84,14 +104,27 @@ def preprocess(
     min_item_count: items seen fewer times map to the OOV bucket.
     bad_rows_threshold: fail when a larger fraction of rows is quarantined.
     beam_args: Beam pipeline options (e.g. ``--runner=DataflowRunner ...``).
+    fingerprint: the input's fingerprint (the fingerprint step's output); part of the
+      cache key. Empty: computed here.
+    timestamp_unit: the unit of integer timestamps (``s``, ``ms``, ``us``, ``ns``) or
+      ``auto`` (detected).
+
+  Returns:
+    The dataset identity, ``ds-<12 hex>`` (the metrics store's ``dataset_id``).
   """
+  from components import fingerprint as fingerprint_lib  # pylint: disable=g-import-not-at-top
   from components import preprocess  # pylint: disable=g-import-not-at-top
   from components.preprocess import component as step  # pylint: disable=g-import-not-at-top
 
+  digest = fingerprint or fingerprint_lib.compute(input_uri)["digest"]
+  dataset_id = fingerprint_lib.dataset_identity(
+      digest, max_len=max_len, min_item_count=min_item_count,
+      timestamp_unit=timestamp_unit, data_format=data_format)
   result = preprocess.run(
       input_uri, dataset.path, format=data_format or None, max_len=max_len,
       min_item_count=min_item_count, bad_rows_threshold=bad_rows_threshold,
-      **step.beam_kwargs(beam_args))
+      timestamp_unit=timestamp_unit, **step.beam_kwargs(beam_args))
+  step.record_identity(dataset.path, digest, dataset_id)
   meta = step.dataset_metadata(dataset.path)
   dataset.metadata.update(meta)
   for key, value in result.metrics().items():
@@ -99,4 +132,6 @@ def preprocess(
   stats.log_metric("seconds", result.seconds)
   with open(summary.path, "w", encoding="utf-8") as f:
     f.write(result.markdown)
+    f.write(f"\nDataset identity: `{dataset_id}` (input fingerprint `{digest}`).\n")
+  return dataset_id
 

@@ -13,6 +13,12 @@ The graph (all runners)::
                      ├─bad rows─► quarantine/*.jsonl      ▼
                      └─counts──► counts.json        WriteShards (sorted by user)
 
+Timestamps travel in the input's unit (``spec.timestamp_unit``), so events are
+ordered at full precision; ``UserSequences`` turns them into seconds (floor)
+when it writes the examples. ``counts.json`` also holds the quarantined rows
+per reason kind (keys ``QUARANTINE_PREFIX + kind``), counted from what the
+quarantine files hold.
+
 Speed comes from keeping events in Arrow batches: the reader yields record
 batches, tf.transform analyses and transforms whole batches (vocabularies count
 unique tokens per batch in TensorFlow), and the per-user grouping first groups
@@ -44,6 +50,7 @@ from trainers import features
 
 QUARANTINE_DIR = "quarantine"
 COUNTS_FILE = "counts.json"
+QUARANTINE_PREFIX = "quarantined: "  # counts.json keys of quarantined rows per reason kind
 _BAD, _COUNTS = "bad", "counts"
 
 
@@ -127,12 +134,17 @@ class ReadFiles(beam.DoFn):
 
   def process(self, element):
     index, path = element
-    for chunk in sources.read_file(path, index, self._spec, self._batch_rows):
-      if chunk.batch is not None:
-        yield chunk.batch
-      for row in chunk.bad_rows:
-        yield beam.pvalue.TaggedOutput(_BAD, row)
-      yield beam.pvalue.TaggedOutput(_COUNTS, chunk.counts)
+    try:
+      for chunk in sources.read_file(path, index, self._spec, self._batch_rows):
+        if chunk.batch is not None:
+          yield chunk.batch
+        for row in chunk.bad_rows:
+          yield beam.pvalue.TaggedOutput(_BAD, row)
+        yield beam.pvalue.TaggedOutput(_COUNTS, chunk.counts)
+    except sources.InputError:
+      raise
+    except Exception as e:  # name the file in whatever escaped the reader
+      raise RuntimeError(f"reading {path}: {type(e).__name__}: {e}") from e
 
 
 class RecordsToBatch(beam.DoFn):
@@ -187,11 +199,16 @@ class GroupBatchByUser(_BundleCounts):
 
 
 class UserSequences(_BundleCounts):
-  """(raw user, partial sequences) -> ((split, shard), (user, raw user, example))."""
+  """(raw user, partial sequences) -> ((split, shard), (user, raw user, example)).
 
-  def __init__(self, max_len: int, num_shards: int):
+  Events are ordered by their timestamps in the input's unit; the examples get
+  them in seconds (``timestamp // units_per_second``).
+  """
+
+  def __init__(self, max_len: int, num_shards: int, units_per_second: int = 1):
     self._max_len = max_len
     self._num_shards = num_shards
+    self._per_second = units_per_second
 
   def process(self, element):
     raw_user, parts = element
@@ -205,17 +222,18 @@ class UserSequences(_BundleCounts):
       self._add({"users_too_few_events": 1, "events_dropped_short_users": n})
       return
     perm = np.lexsort((items, order, stamps))  # timestamp, then input order, then item
-    window_len = self._max_len + 3  # the last events any split reads
-    if n > window_len:
-      perm = perm[-window_len:]
+    # The sequences read the last max_len + 3 events; the valid/test examples' seen
+    # items read every event, so the whole sequence goes to user_examples.
+    window_len = self._max_len + 3
     counts = {"users": 1, "events_kept": n,
               "events_beyond_max_len": max(0, n - window_len)}
     if n - 2 < 2:
       counts["users_without_train"] = 1
     self._add(counts)
     shard = user_id % self._num_shards
+    seconds = stamps[perm] if self._per_second == 1 else stamps[perm] // self._per_second
     for split, example in features.user_examples(
-        user_id, items[perm], stamps[perm], self._max_len):
+        user_id, items[perm], seconds, self._max_len):
       yield (split, shard), (user_id, raw_user, example)
 
 
@@ -241,16 +259,20 @@ def quarantine_name(shard: int, num_shards: int) -> str:
   return os.path.join(QUARANTINE_DIR, f"part-{shard:05d}-of-{num_shards:05d}.jsonl")
 
 
-def _write_quarantine(element, output_dir: str, num_shards: int):
+def _write_quarantine(element, output_dir: str, num_shards: int) -> dict[str, int]:
+  """Writes one quarantine shard; returns its rows per reason kind."""
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
   shard, rows = element
   rows = sorted((r for r in rows if r is not None),
                 key=lambda r: (r["file"], r["line"] or 0, r["raw"], r["reason"]))
   path = os.path.join(output_dir, quarantine_name(shard, num_shards))
+  kinds: dict[str, int] = {}
   with FileSystems.create(path) as f:
     for r in rows:
       f.write((json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
-  return len(rows)
+      key = QUARANTINE_PREFIX + sources.reason_kind(r["reason"])
+      kinds[key] = kinds.get(key, 0) + 1
+  return kinds
 
 
 def _sum_counts(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
@@ -332,7 +354,8 @@ def build(
                  _COUNTS, main="parts"))
   sequences = (grouped.parts
                | "GroupByUser" >> beam.GroupByKey()
-               | "UserSequences" >> beam.ParDo(UserSequences(max_len, num_shards))
+               | "UserSequences" >> beam.ParDo(UserSequences(
+                   max_len, num_shards, sources.TIMESTAMP_UNITS[spec.timestamp_unit or "s"]))
                .with_outputs(_COUNTS, main="examples"))
   shard_keys = [(s, k) for s in features.SPLITS for k in range(num_shards)]
   written = ((sequences.examples, _keyed_shards(p, "Shard", shard_keys))
@@ -341,13 +364,14 @@ def build(
              | "WriteShards" >> beam.Map(_write_shard, output_dir, num_shards))
 
   q_shards = num_shards
-  _ = ((read[_BAD] | "KeyBad" >> beam.Map(lambda r: (_quarantine_shard(r, q_shards), r)),
-        _keyed_shards(p, "Quarantine", range(q_shards)))
-       | "FlattenBad" >> beam.Flatten()
-       | "GroupBad" >> beam.GroupByKey()
-       | "WriteQuarantine" >> beam.Map(_write_quarantine, output_dir, q_shards))
+  quarantined = (
+      (read[_BAD] | "KeyBad" >> beam.Map(lambda r: (_quarantine_shard(r, q_shards), r)),
+       _keyed_shards(p, "Quarantine", range(q_shards)))
+      | "FlattenBad" >> beam.Flatten()
+      | "GroupBad" >> beam.GroupByKey()
+      | "WriteQuarantine" >> beam.Map(_write_quarantine, output_dir, q_shards))
 
-  _ = ((read[_COUNTS], grouped[_COUNTS], sequences[_COUNTS], written)
+  _ = ((read[_COUNTS], grouped[_COUNTS], sequences[_COUNTS], written, quarantined)
        | "FlattenCounts" >> beam.Flatten()
        | "SumCounts" >> beam.CombineGlobally(_sum_counts)
        | "WriteCounts" >> beam.Map(_write_json, os.path.join(temp_dir, COUNTS_FILE)))

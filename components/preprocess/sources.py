@@ -16,6 +16,16 @@ formats without timestamps their chronological order.
 
 Rejected rows are dicts ``{"file", "line", "raw", "reason"}``; ``line`` is the
 1-based line number (the 1-based row number for Parquet, ``None`` for BigQuery).
+Every value the dataset cannot represent is such a row, never an exception:
+timestamps that are not decimal integers, negative, outside int64 or implausible
+in the run's unit (:func:`timestamp_reason`), and in the formats whose ids are
+integers by definition (``INTEGER_ID_FORMATS``) ids that are not decimal
+integers or lie outside int64. A reason reads ``"<kind>"`` or ``"<kind>: detail"``;
+:func:`reason_kind` gives the kind that ``dataset_info.json`` counts.
+
+Timestamps stay in the input's unit inside the pipeline (so that events in the
+same second keep their order) and become seconds when examples are written; the
+unit is declared or detected from a sample (:func:`detect_timestamp_unit`).
 """
 
 from __future__ import annotations
@@ -33,6 +43,19 @@ from typing import Any, Iterable, Iterator, Sequence
 from trainers import features
 
 FORMATS = ("movielens", "ml-100k", "csv", "parquet", "pairs", "sequences", "bigquery")
+
+# Formats whose user and item ids are integers by definition (MovieLens releases):
+# a row whose id is not a decimal integer in int64 is quarantined.
+INTEGER_ID_FORMATS = ("movielens", "ml-100k")
+
+# Timestamp units of the input: seconds per unit. The dataset always holds seconds.
+TIMESTAMP_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+# Seconds at or above this (1e11 s: the year 5138) are not plausible: in a given
+# unit, values at or above MAX_SECONDS * units per second are quarantined.
+MAX_SECONDS = 10**11
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+SAMPLE_ROWS = 100_000   # rows read before the job to detect the timestamp unit
+SAMPLE_FILES = 8        # from at most this many input files
 
 # Raw columns beyond the contract's names.
 EVENT_ORDER = "event_order"
@@ -96,6 +119,10 @@ class SourceSpec:
   delimiter: str | None = None   # csv: None = from the extension / first line
   header: bool | None = None     # csv: None = detect from the first line
   encoding: str = "utf-8"
+  # The unit of integer timestamps (a key of TIMESTAMP_UNITS), or None before it
+  # is known (the detection sample): then no upper bound is applied and typed
+  # timestamp columns are read in seconds.
+  timestamp_unit: str | None = None
 
   @property
   def side_columns(self) -> tuple[str, ...]:
@@ -104,6 +131,105 @@ class SourceSpec:
   @property
   def has_timestamps(self) -> bool:
     return self.format not in ("pairs", "sequences")
+
+  @property
+  def integer_ids(self) -> bool:
+    return self.format in INTEGER_ID_FORMATS
+
+
+# ---------------------------------------------------------------------------
+# Value checks and the timestamp unit
+# ---------------------------------------------------------------------------
+
+
+def parse_int(text: str) -> int | None:
+  """The value of a decimal integer (optional sign, ASCII digits), else None.
+
+  Stricter than ``int()``, which also takes ``"1_000"`` and non-ASCII digits.
+  The value is unbounded: callers check the int64 range.
+  """
+  s = text.strip()
+  digits = s[1:] if s[:1] in ("+", "-") else s
+  if not (digits.isascii() and digits.isdigit()):
+    return None
+  return int(s)
+
+
+def id_reason(text: str, label: str) -> str | None:
+  """Why an id of an integer-id format cannot be kept, or None."""
+  value = parse_int(text)
+  if value is None:
+    return f"non-numeric {label}"
+  if not INT64_MIN <= value <= INT64_MAX:
+    return f"{label} out of int64 range"
+  return None
+
+
+def timestamp_reason(value: int, unit: str | None) -> str | None:
+  """Why an integer timestamp in ``unit`` cannot be kept, or None.
+
+  Timestamps must fit int64, be non-negative and, once the unit is known, lie
+  below ``MAX_SECONDS`` (the year 5138) in seconds: a millisecond value among
+  seconds is out of range rather than a date 50,000 years ahead.
+  """
+  if not INT64_MIN <= value <= INT64_MAX:
+    return "timestamp out of int64 range"
+  if value < 0:
+    return "negative timestamp"
+  if unit is not None and value >= MAX_SECONDS * TIMESTAMP_UNITS[unit]:
+    return (f"timestamp out of range: {value} {unit} is after the year 5138; "
+            "check --timestamp-unit")
+  return None
+
+
+def reason_kind(reason: str) -> str:
+  """The kind of a quarantine reason (the text before its first ':')."""
+  return reason.split(":", 1)[0]
+
+
+def detect_timestamp_unit(timestamps: Sequence[int]) -> tuple[str, float | None]:
+  """The unit of integer unix timestamps from the magnitude of their median.
+
+  Rule: median < 1e11 -> seconds (1e11 s is the year 5138), < 1e14 -> milliseconds,
+  < 1e17 -> microseconds, else nanoseconds. Each bound is 1e11 seconds in the
+  smaller unit and March 1973 in the larger one, so any date from 1973 to 5138 is
+  read right. Timestamps counted from some other origin (e.g. milliseconds
+  since the start of an experiment, below 1e11) need ``--timestamp-unit``.
+
+  Returns:
+    The unit (a key of ``TIMESTAMP_UNITS``) and the median (None without values,
+    which counts as seconds).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if len(timestamps) == 0:  # pylint: disable=g-explicit-length-test
+    return "s", None
+  median = float(np.median(np.asarray(timestamps, dtype=np.int64)))
+  for unit, bound in (("s", 1e11), ("ms", 1e14), ("us", 1e17)):
+    if median < bound:
+      return unit, median
+  return "ns", median
+
+
+def sample_timestamps(files: Sequence[str], spec: SourceSpec,
+                      max_rows: int = SAMPLE_ROWS) -> list[int]:
+  """Valid timestamps of the first rows of the first input files (unit detection).
+
+  Reads up to ``max_rows`` rows spread over the first ``SAMPLE_FILES`` files with
+  the job's own reader (bad rows are skipped, as the job quarantines them).
+  """
+  spec = dataclasses.replace(spec, timestamp_unit=None)
+  picked = list(files[:SAMPLE_FILES])
+  per_file = max(1, max_rows // max(1, len(picked)))
+  out: list[int] = []
+  for index, path in enumerate(picked):
+    rows = 0
+    for chunk in read_file(path, index, spec, batch_rows=per_file):
+      if chunk.batch is not None:
+        out += chunk.batch.column(features.RAW_TIMESTAMP).flatten().to_pylist()
+      rows += chunk.counts.get("rows_read", 0)
+      if rows >= per_file:
+        break
+  return out
 
 
 # ---------------------------------------------------------------------------
@@ -116,18 +242,24 @@ def _filesystems():
   return FileSystems
 
 
-def resolve_input(input_path: str) -> list[tuple[str, int]]:
+def resolve_input(input_path: str, fmt: str | None = None) -> list[tuple[str, int]]:
   """Expands a file, glob or MovieLens folder into sorted ``(path, size)``.
 
+  Args:
+    input_path: a file, a glob or a folder.
+    fmt: ``--format``, if given: a folder then yields its ratings files of that
+      format only.
+
   Raises:
-    InputError: nothing matches, or a folder holds no known ratings file.
+    InputError: nothing matches, or a folder holds no known ratings file, or
+      ratings files of more than one format (without ``fmt``).
   """
   fs = _filesystems()
   path = input_path.rstrip("/") if input_path not in ("/",) else input_path
   has_glob = any(ch in path for ch in "*?[")
   if not has_glob:
     if _is_dir(path):
-      return _movielens_folder(path)
+      return _movielens_folder(path, fmt)
     matched = [m for m in fs.match([path])[0].metadata_list
                if m.path.rstrip("/") == path]
     if matched:
@@ -150,22 +282,47 @@ def _is_dir(path: str) -> bool:
   return os.path.isdir(path)
 
 
-def _movielens_folder(folder: str) -> list[tuple[str, int]]:
+# Ratings files a folder may hold (a partial copy may name its file differently,
+# e.g. ratings_users1-2999.dat.gz), with their format.
+FOLDER_PATTERNS = (("u.data", "ml-100k"), ("u.data.gz", "ml-100k"),
+                   ("ratings*.dat", "movielens"), ("ratings*.dat.gz", "movielens"),
+                   ("ratings*.csv", "csv"), ("ratings*.csv.gz", "csv"))
+
+
+def _movielens_folder(folder: str, fmt: str | None = None) -> list[tuple[str, int]]:
+  """The ratings files of a folder: all of them, when they share one format.
+
+  A folder with files of two formats (``u.data`` and ``ratings.csv``) is an
+  error rather than a guess, as is a file next to its gzipped copy.
+  """
   fs = _filesystems()
   listing = {posixpath.basename(m.path): (m.path, m.size_in_bytes)
              for m in fs.match([folder + "/*"])[0].metadata_list}
-  for name in MOVIELENS_FILES:
-    for candidate in (name, name + ".gz"):
-      if candidate in listing:
-        return [listing[candidate]]
-  # A partial copy may name its ratings file differently (ratings_*.dat.gz).
-  for pattern in ("ratings*.dat", "ratings*.dat.gz", "ratings*.csv", "ratings*.csv.gz"):
-    hits = sorted(v for k, v in listing.items() if fnmatch.fnmatch(k, pattern))
-    if hits:
-      return hits
-  raise InputError(
-      f"folder {folder!r} holds no MovieLens ratings file (ratings.dat, u.data, "
-      "ratings.csv): pass the file itself with --input, or a glob")
+  found: dict[str, str] = {}  # name -> format
+  for name in sorted(listing):
+    for pattern, f in FOLDER_PATTERNS:
+      if fnmatch.fnmatch(name, pattern):
+        found[name] = f
+        break
+  if not found:
+    raise InputError(
+        f"folder {folder!r} holds no MovieLens ratings file (ratings.dat, u.data, "
+        "ratings.csv): pass the file itself with --input, or a glob")
+  if fmt is not None:
+    found = {n: f for n, f in found.items() if f == fmt}
+    if not found:
+      raise InputError(f"folder {folder!r} holds no ratings file of --format {fmt}")
+  if len(set(found.values())) > 1:
+    listed = ", ".join(f"{n} ({f})" for n, f in found.items())
+    raise InputError(
+        f"folder {folder!r} holds ratings files of {len(set(found.values()))} formats: "
+        f"{listed}. Pass a single file with --input, or --format to read the files of "
+        "one format")
+  for name in found:
+    if name.endswith(".gz") and name[:-3] in found:
+      raise InputError(f"folder {folder!r} holds both {name[:-3]} and {name}: pass "
+                       "one of them with --input")
+  return [listing[n] for n in found]
 
 
 def detect_format(path: str) -> str:
@@ -200,26 +357,32 @@ def resolve_format(files: Sequence[tuple[str, int]], fmt: str | None) -> str:
     if fmt not in FORMATS:
       raise InputError(f"unknown --format {fmt!r}: use one of {', '.join(FORMATS)}")
     return fmt
-  found = set()
+  found = {}
   for path, _ in files:
     f = detect_format(path)
     if f == "movielens-zip":
       f = _zip_member(path)[1]
-    found.add(f)
-  if len(found) > 1:
-    raise InputError(f"input files have mixed formats {sorted(found)}: pass one "
-                     "format's files (a narrower glob) and --format")
-  return found.pop()
+    found[path] = f
+  if len(set(found.values())) > 1:
+    listed = ", ".join(f"{p} ({f})" for p, f in list(found.items())[:10])
+    raise InputError(f"input files have mixed formats {sorted(set(found.values()))}: "
+                     f"{listed}. Pass one format's files (a single file or a narrower "
+                     "glob) and --format")
+  return found.popitem()[1]
 
 
 def _zip_member(path: str) -> tuple[str, str]:
   """The ratings member of an official MovieLens zip and its format."""
   with _filesystems().open(path) as f, zipfile.ZipFile(f) as z:
     names = z.namelist()
-  for base, fmt in MOVIELENS_FILES.items():
-    for n in sorted(names):
-      if posixpath.basename(n) == base:
-        return n, fmt
+  found = [(n, MOVIELENS_FILES[posixpath.basename(n)]) for n in sorted(names)
+           if posixpath.basename(n) in MOVIELENS_FILES]
+  if len({f for _, f in found}) > 1:
+    raise InputError(f"{path} holds ratings files of several formats: "
+                     f"{', '.join(f'{n} ({f})' for n, f in found)}. Unpack it and pass "
+                     "a single file with --input")
+  if found:
+    return found[0]
   raise InputError(f"{path} has no ratings.dat, u.data or ratings.csv member: "
                    "pass the unpacked ratings file with --input")
 
@@ -474,11 +637,12 @@ def read_file(
           reason = "empty user id"
         elif not item:
           reason = "empty item id"
-        elif features.RAW_TIMESTAMP in pos:
-          try:
-            ts = int(fields[pos[features.RAW_TIMESTAMP]])
-          except ValueError:
-            reason = "non-numeric timestamp"
+        elif spec.integer_ids:
+          reason = id_reason(user, "user id") or id_reason(item, "item id")
+        if reason is None and features.RAW_TIMESTAMP in pos:
+          ts = parse_int(fields[pos[features.RAW_TIMESTAMP]])
+          reason = ("non-numeric timestamp" if ts is None
+                    else timestamp_reason(ts, spec.timestamp_unit))
       if reason is not None:
         bad.append(_bad(path, number, text, reason))
         continue
@@ -600,9 +764,9 @@ def _validate_columns(cols, spec: SourceSpec, where: str, file_index: int,
     reasons[(reasons == None) & empty] = f"empty {label}"  # pylint: disable=singleton-comparison
     out[column] = arr
   if spec.has_timestamps:
-    arr = cols[features.RAW_TIMESTAMP]
-    ts, bad_ts = _timestamps_to_seconds(arr)
-    reasons[(reasons == None) & bad_ts] = "non-numeric timestamp"  # pylint: disable=singleton-comparison
+    ts, ts_reasons = _timestamps_to_int(cols[features.RAW_TIMESTAMP], spec.timestamp_unit)
+    free = (reasons == None) & (ts_reasons != None)  # pylint: disable=singleton-comparison
+    reasons[free] = ts_reasons[free]
     out[features.RAW_TIMESTAMP] = ts
   else:
     out[features.RAW_TIMESTAMP] = np.zeros(n, dtype=np.int64)
@@ -611,7 +775,7 @@ def _validate_columns(cols, spec: SourceSpec, where: str, file_index: int,
   bad_rows = []
   if bad_mask.any():
     idx = np.flatnonzero(bad_mask)
-    raw_cols = {c: cols[c].take(pa.array(idx)).to_pylist() for c in cols}
+    raw_cols = {c: _raw_values(cols[c].take(pa.array(idx))) for c in cols}
     for j, i in enumerate(idx):
       raw = json.dumps({c: _jsonable(v[j]) for c, v in raw_cols.items()}, sort_keys=True)
       bad_rows.append(_bad(where, first_row + int(i) + 1 if source_rows else None, raw,
@@ -632,6 +796,14 @@ def _validate_columns(cols, spec: SourceSpec, where: str, file_index: int,
                bad_rows=bad_rows, counts=counts)
 
 
+def _raw_values(arr) -> list[Any]:
+  """Python values of a column for quarantine rows (dates beyond Python's as text)."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  if pa.types.is_timestamp(arr.type) or pa.types.is_date(arr.type):
+    return arr.cast(pa.string()).to_pylist()
+  return arr.to_pylist()
+
+
 def _jsonable(v):
   if isinstance(v, bytes):
     return v.decode("utf-8", errors="backslashreplace")
@@ -640,33 +812,70 @@ def _jsonable(v):
   return str(v)
 
 
-def _timestamps_to_seconds(arr):
-  """Int64 unix seconds and a bad-value mask from an Arrow timestamp column."""
+def _timestamps_to_int(arr, unit: str | None):
+  """Int64 timestamps in ``unit`` and a reason per row (None: kept) from a column.
+
+  Typed (timestamp, date) columns are converted to ``unit`` (seconds while the
+  unit is unknown), flooring finer parts; integer, float and text columns are
+  taken as numbers in ``unit``. Values that do not fit int64 (uint64 above
+  2**63, huge floats, long digit strings) get a reason instead of an error.
+  """
   import numpy as np  # pylint: disable=g-import-not-at-top
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.compute as pc  # pylint: disable=g-import-not-at-top
   n = len(arr)
+  reasons = np.full(n, None, dtype=object)
+  if pa.types.is_dictionary(arr.type):
+    arr = arr.dictionary_decode()
+  if pa.types.is_date(arr.type):
+    arr = pc.cast(arr, pa.timestamp("s"), safe=False)
   if pa.types.is_timestamp(arr.type):
-    arr = pc.cast(arr, pa.timestamp("s")).cast(pa.int64())
-  elif pa.types.is_date(arr.type):
-    arr = pc.cast(pc.cast(arr, pa.timestamp("s")), pa.int64())
+    have, want = TIMESTAMP_UNITS[arr.type.unit], TIMESTAMP_UNITS[unit or "s"]
+    arr = pc.cast(arr, pa.int64())  # counts of the column's own unit since the epoch
+    if want > have:  # to a finer unit: values that would overflow are out of range
+      factor = want // have
+      limit = INT64_MAX // factor
+      fits = pc.fill_null(pc.and_(pc.less_equal(arr, limit), pc.greater_equal(arr, -limit)),
+                          True)
+      reasons[~fits.to_numpy(zero_copy_only=False)] = "timestamp out of int64 range"
+      arr = pc.multiply(pc.if_else(fits, arr, None), factor)
+    elif want < have:  # floor (pyarrow's cast truncates toward zero)
+      values = pc.fill_null(arr, 0).to_numpy(zero_copy_only=False) // (have // want)
+      arr = pc.if_else(pc.is_null(arr), None, pa.array(values, pa.int64()))
+  elif pa.types.is_unsigned_integer(arr.type):
+    fits = pc.fill_null(pc.less_equal(arr, pa.scalar(INT64_MAX, arr.type)), True)
+    reasons[~fits.to_numpy(zero_copy_only=False)] = "timestamp out of int64 range"
+    arr = pc.if_else(fits, arr, None).cast(pa.int64())
+  elif pa.types.is_floating(arr.type):
+    null = pc.is_null(arr).to_numpy(zero_copy_only=False)
+    whole = pc.fill_null(pc.equal(pc.floor(arr), arr), False).to_numpy(zero_copy_only=False)
+    reasons[~whole & ~null] = "non-numeric timestamp"  # fractional, NaN or infinite
+    # 2**63 is exact as a float and the first value above int64.
+    fits = pc.fill_null(pc.and_(pc.greater_equal(arr, -2.0**63), pc.less(arr, 2.0**63)),
+                        False).to_numpy(zero_copy_only=False)
+    reasons[whole & ~fits] = "timestamp out of int64 range"
+    arr = pc.if_else(pa.array(whole & fits), arr, None).cast(pa.int64())
   elif pa.types.is_integer(arr.type):
     arr = arr.cast(pa.int64())
-  elif pa.types.is_floating(arr.type):
-    ok = pc.fill_null(pc.equal(pc.floor(arr), arr), False)
-    arr = pc.if_else(ok, arr, None).cast(pa.int64())
   else:
     values = arr.cast(pa.large_string()).to_pylist()
     out = np.zeros(n, dtype=np.int64)
-    bad = np.zeros(n, dtype=bool)
     for i, v in enumerate(values):
-      try:
-        out[i] = int(v)
-      except (TypeError, ValueError):
-        bad[i] = True
-    return out, bad
-  bad = pc.is_null(arr).to_numpy(zero_copy_only=False)
-  return pc.fill_null(arr, 0).to_numpy(zero_copy_only=False).astype(np.int64), bad
+      parsed = None if v is None else parse_int(v)
+      reason = "non-numeric timestamp" if parsed is None else timestamp_reason(parsed, unit)
+      if reason is None:
+        out[i] = parsed
+      else:
+        reasons[i] = reason
+    return out, reasons
+  null = pc.is_null(arr).to_numpy(zero_copy_only=False)
+  out = pc.fill_null(arr, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+  reasons[null & (reasons == None)] = "non-numeric timestamp"  # pylint: disable=singleton-comparison
+  bound = min(MAX_SECONDS * TIMESTAMP_UNITS[unit], INT64_MAX) if unit else INT64_MAX
+  suspect = (reasons == None) & ((out < 0) | (out >= bound))  # pylint: disable=singleton-comparison
+  for i in np.flatnonzero(suspect):
+    reasons[i] = timestamp_reason(int(out[i]), unit)
+  return out, reasons
 
 
 def records_to_batch(records: Sequence[dict[str, Any]], spec: SourceSpec,
@@ -680,7 +889,7 @@ def records_to_batch(records: Sequence[dict[str, Any]], spec: SourceSpec,
     values = [r.get(name) for r in records]
     try:
       cols[c] = pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: validate as text
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # mixed or huge: as text
       cols[c] = pa.array([None if v is None else str(v) for v in values], pa.large_string())
   return _validate_columns(cols, spec, where, 0, 0, source_rows=False)
 

@@ -18,13 +18,16 @@ T0 = datetime.datetime(2026, 1, 1, tzinfo=UTC)
 
 def row(run_id="r1", metric="ndcg", k=10, value=0.1, split="valid", model="sasrec",
         dataset="ml-100k", **extra) -> MetricRow:
+  extra.setdefault("dataset_id", f"ds-{dataset}")   # one identity per label unless given
   return MetricRow(run_id=run_id, model=model, dataset=dataset, split=split, metric=metric,
                    k=k, value=value, pipeline="recml", model_uri=f"runs/{run_id}/model",
                    **extra)
 
 
-def bless(store, run_id, value=1.0, split="valid", model="sasrec", dataset="ml-100k"):
-  store.write([row(run_id, metrics_store.BLESSED_METRIC, None, value, split, model, dataset)])
+def bless(store, run_id, value=1.0, split="valid", model="sasrec", dataset="ml-100k",
+          **extra):
+  store.write([row(run_id, metrics_store.BLESSED_METRIC, None, value, split, model, dataset,
+                   **extra)])
 
 
 # ---------------------------------------------------------------------------
@@ -35,7 +38,7 @@ def test_schema_is_the_constant_in_both_backends(backend):
   assert store.schema() == list(metrics_store.METRICS_SCHEMA)
   assert [name for name, _, _ in metrics_store.METRICS_SCHEMA] == [
       "run_id", "pipeline", "model", "dataset", "split", "metric", "k", "value",
-      "created_at", "model_uri", "labels"]
+      "created_at", "model_uri", "labels", "dataset_id"]
 
 
 def test_rows_round_trip(backend):
@@ -114,7 +117,7 @@ def test_invalid_rows_are_rejected(backend, bad, message):
 
 def test_champion_is_the_best_blessed_run(backend):
   store = backend.open()
-  assert store.champion("ml-100k", "sasrec", "ndcg", 10) is None
+  assert store.champion("ds-ml-100k", "sasrec", "ndcg", 10) is None
   store.write([row("r1", value=0.10), row("r2", value=0.30), row("r3", value=0.20),
                row("r4", value=0.90),                      # never validated
                row("r5", value=0.95),                      # rejected
@@ -126,14 +129,29 @@ def test_champion_is_the_best_blessed_run(backend):
     bless(store, run_id, model="bert4rec" if run_id == "r6" else "sasrec",
           dataset="ml-1m" if run_id == "r7" else "ml-100k")
   bless(store, "r5", value=0.0)
-  champ = store.champion("ml-100k", "sasrec", "ndcg", 10)
+  champ = store.champion("ds-ml-100k", "sasrec", "ndcg", 10)
   assert (champ.run_id, champ.value, champ.model_uri) == ("r3", 0.20, "runs/r3/model")
-  assert store.champion("ml-100k", "sasrec", "ndcg", 10, exclude_run_id="r3").run_id == "r1"
-  assert store.champion("ml-100k", "sasrec", "ndcg", 10, split="test").run_id == "r8"
-  assert store.champion("ml-100k", "sasrec", "ndcg", 50) is None
-  assert store.champion("ml-100k", "sasrec", "mrr", None).value == 0.07
-  assert store.champion("ml-100k", "sasrec", "ndcg", 10, higher_is_better=False).run_id == "r1"
-  assert store.champion("ml-1m", "sasrec", "ndcg", 10).run_id == "r7"
+  assert store.champion("ds-ml-100k", "sasrec", "ndcg", 10, exclude_run_id="r3").run_id == "r1"
+  assert store.champion("ds-ml-100k", "sasrec", "ndcg", 10, split="test").run_id == "r8"
+  assert store.champion("ds-ml-100k", "sasrec", "ndcg", 50) is None
+  assert store.champion("ds-ml-100k", "sasrec", "mrr", None).value == 0.07
+  assert store.champion("ds-ml-100k", "sasrec", "ndcg", 10, higher_is_better=False).run_id == "r1"
+  assert store.champion("ds-ml-1m", "sasrec", "ndcg", 10).run_id == "r7"
+
+
+def test_champion_is_keyed_by_dataset_identity_not_label(backend):
+  store = backend.open()
+  # Same label, other data: r-old was trained on an earlier version of "ml-100k".
+  store.write([row("r-old", value=0.50, dataset_id="ds-aaaaaaaaaaaa"),
+               row("r-new", value=0.10, dataset_id="ds-bbbbbbbbbbbb")])
+  bless(store, "r-old", dataset_id="ds-aaaaaaaaaaaa")
+  assert store.champion("ds-bbbbbbbbbbbb", "sasrec", "ndcg", 10) is None
+  assert store.champion("ds-aaaaaaaaaaaa", "sasrec", "ndcg", 10).run_id == "r-old"
+  with pytest.raises(ValueError, match="dataset identity"):
+    store.champion("", "sasrec", "ndcg", 10)
+  by_id = {r.run_id: r for r in store.runs(dataset_id="ds-bbbbbbbbbbbb")}
+  assert list(by_id) == ["r-new"] and by_id["r-new"].dataset_id == "ds-bbbbbbbbbbbb"
+  assert [r.run_id for r in store.rows(dataset_id="ds-aaaaaaaaaaaa")] == ["r-old", "r-old"]
 
 
 def test_champion_ties_go_to_the_newest(backend):
@@ -142,7 +160,7 @@ def test_champion_ties_go_to_the_newest(backend):
                row("new", value=0.2, created_at=T0 + datetime.timedelta(days=1))])
   bless(store, "old")
   bless(store, "new")
-  assert store.champion("ml-100k", "sasrec", "ndcg", 10).run_id == "new"
+  assert store.champion("ds-ml-100k", "sasrec", "ndcg", 10).run_id == "new"
 
 
 def test_runs_lists_runs_newest_first_with_blessing(backend):
@@ -236,10 +254,10 @@ def test_opening_does_no_io(tmp_path):
 # The emulator is looser than BigQuery (REQUIRED columns, unknown fields, parameter
 # types), so the request sent to BigQuery is checked exactly here.
 EXPECTED_MERGE = """MERGE INTO `proj.recml.metrics` AS T
-USING (SELECT r.run_id AS run_id, r.pipeline AS pipeline, r.model AS model, r.dataset AS dataset, r.split AS split, r.metric AS metric, r.k AS k, r.value AS value, r.created_at AS created_at, r.model_uri AS model_uri, r.labels AS labels FROM UNNEST(@rows) AS r) AS S
+USING (SELECT r.run_id AS run_id, r.pipeline AS pipeline, r.model AS model, r.dataset AS dataset, r.split AS split, r.metric AS metric, r.k AS k, r.value AS value, r.created_at AS created_at, r.model_uri AS model_uri, r.labels AS labels, r.dataset_id AS dataset_id FROM UNNEST(@rows) AS r) AS S
 ON T.run_id = S.run_id AND T.split = S.split AND T.metric = S.metric AND (T.k = S.k OR (T.k IS NULL AND S.k IS NULL))
-WHEN MATCHED THEN UPDATE SET pipeline = S.pipeline, model = S.model, dataset = S.dataset, value = S.value, created_at = S.created_at, model_uri = S.model_uri, labels = S.labels
-WHEN NOT MATCHED THEN INSERT (run_id, pipeline, model, dataset, split, metric, k, value, created_at, model_uri, labels) VALUES (S.run_id, S.pipeline, S.model, S.dataset, S.split, S.metric, S.k, S.value, S.created_at, S.model_uri, S.labels)"""
+WHEN MATCHED THEN UPDATE SET pipeline = S.pipeline, model = S.model, dataset = S.dataset, value = S.value, created_at = S.created_at, model_uri = S.model_uri, labels = S.labels, dataset_id = S.dataset_id
+WHEN NOT MATCHED THEN INSERT (run_id, pipeline, model, dataset, split, metric, k, value, created_at, model_uri, labels, dataset_id) VALUES (S.run_id, S.pipeline, S.model, S.dataset, S.split, S.metric, S.k, S.value, S.created_at, S.model_uri, S.labels, S.dataset_id)"""
 
 
 def test_bigquery_merge_request_is_exact():
@@ -265,7 +283,7 @@ def test_bigquery_merge_request_is_exact():
       "run_id": "r1", "pipeline": "recml", "model": "sasrec", "dataset": "ml-100k",
       "split": "valid", "metric": "mrr", "k": None, "value": 1.0,
       "created_at": "2026-01-01 00:00:00+00:00", "model_uri": "runs/r1/model",
-      "labels": '{"a": [2], "b": 1}'}   # JSON text, never a dict (HTTP 500 in the emulator)
+      "labels": '{"a": [2], "b": 1}', "dataset_id": "ds-ml-100k"}   # JSON text, never a dict (HTTP 500 in the emulator)
   # What the emulator would accept but BigQuery would not is stopped before any request.
   with pytest.raises(ValueError, match="model is required"):
     store.merge_request([{**vars(row()), "model": None}])

@@ -11,11 +11,13 @@ from components import validate
 from components import write_metrics
 
 
-def evaluated(backend, run_id, ndcg, mrr=0.05, dataset="ml-100k", model="sasrec"):
+def evaluated(backend, run_id, ndcg, mrr=0.05, dataset="ml-100k", model="sasrec",
+              dataset_id=None, model_uri=None):
   """What the pipeline does before validate: write the run's evaluation metrics."""
   write_metrics.run(backend.uri, run_id, "recml", model, dataset,
                     {"valid": {"ndcg@10": ndcg, "mrr": mrr}, "test": {"ndcg@10": ndcg / 2}},
-                    model_uri=f"runs/{run_id}/model", store_options=backend.options)
+                    model_uri=model_uri or f"runs/{run_id}/model",
+                    store_options=backend.options, dataset_id=dataset_id or f"ds-{dataset}")
 
 
 def gate(backend, run_id, **kwargs):
@@ -27,7 +29,8 @@ def gate(backend, run_id, **kwargs):
 def test_first_model_is_blessed_and_recorded(backend):
   evaluated(backend, "r1", 0.10)
   decision = gate(backend, "r1")
-  assert decision["blessed"] is True
+  assert decision["blessed"] is True and decision["decision"] == "blessed"
+  assert decision["dataset_id"] == "ds-ml-100k"
   assert decision["champion_run_id"] is None and decision["champion_value"] is None
   assert decision["candidate_value"] == 0.10
   assert "first model" in decision["reason"]
@@ -36,22 +39,30 @@ def test_first_model_is_blessed_and_recorded(backend):
   assert (blessed.value, blessed.split, blessed.k) == (1.0, "valid", None)
   assert blessed.model_uri == "runs/r1/model" and blessed.pipeline == "recml"
   assert blessed.labels["gate"]["reason"] == decision["reason"]
-  assert store.champion("ml-100k", "sasrec", "ndcg", 10).run_id == "r1"
+  assert blessed.dataset_id == "ds-ml-100k"
+  assert store.champion("ds-ml-100k", "sasrec", "ndcg", 10).run_id == "r1"
   assert [r.blessed for r in store.runs()] == [True]
 
 
-def test_better_and_equal_candidates_are_blessed(backend):
+def test_better_is_blessed_equal_is_a_tie_and_not_champion(backend):
   evaluated(backend, "r1", 0.10)
   gate(backend, "r1")
   evaluated(backend, "r2", 0.12)
   better = gate(backend, "r2")
-  assert better["blessed"] is True
+  assert better["blessed"] is True and better["decision"] == "blessed"
   assert (better["champion_run_id"], better["champion_value"]) == ("r1", 0.10)
-  assert backend.open().champion("ml-100k", "sasrec", "ndcg", 10).run_id == "r2"
+  assert "0.12 > 0.1" in better["reason"]
+  assert backend.open().champion("ds-ml-100k", "sasrec", "ndcg", 10).run_id == "r2"
   evaluated(backend, "r3", 0.12)
   equal = gate(backend, "r3")
-  assert equal["blessed"] is True and equal["champion_run_id"] == "r2"
-  assert ">= 0.12" in equal["reason"]
+  assert equal["decision"] == "tie" and equal["blessed"] is False
+  assert equal["champion_run_id"] == "r2" and "tie: not redeployed" in equal["reason"]
+  store = backend.open()
+  assert [r.value for r in store.rows("r3", metric=metrics_store.BLESSED_METRIC)] == [0.5]
+  # A tie is not deployed, so it never becomes the champion (even though it is newer).
+  assert store.champion("ds-ml-100k", "sasrec", "ndcg", 10).run_id == "r2"
+  by_id = {r.run_id: r for r in store.runs()}
+  assert (by_id["r3"].decision, by_id["r3"].blessed) == ("tie", False)
 
 
 def test_worse_candidate_is_rejected_and_never_becomes_champion(backend):
@@ -64,25 +75,26 @@ def test_worse_candidate_is_rejected_and_never_becomes_champion(backend):
   assert "0.09 < 0.1" in decision["reason"]
   store = backend.open()
   assert [r.value for r in store.rows("r2", metric=metrics_store.BLESSED_METRIC)] == [0.0]
-  assert store.champion("ml-100k", "sasrec", "ndcg", 10).run_id == "r1"
+  assert store.champion("ds-ml-100k", "sasrec", "ndcg", 10).run_id == "r1"
   # A later candidate is gated against the best blessed run, not the latest run.
   evaluated(backend, "r3", 0.095)
   assert gate(backend, "r3")["champion_run_id"] == "r1"
 
 
-def test_tolerance_is_relative(backend):
+def test_tolerance_is_a_relative_noise_band(backend):
   evaluated(backend, "champ", 0.20)
   gate(backend, "champ")
-  # 10% relative: threshold 0.18. (An absolute 0.1 would have let 0.15 through.)
-  evaluated(backend, "within", 0.181)
-  evaluated(backend, "beyond", 0.179)
-  evaluated(backend, "far", 0.15)
-  within = gate(backend, "within", tolerance=0.1)
-  assert within["blessed"] is True and within["threshold"] == pytest.approx(0.18)
-  assert gate(backend, "beyond", tolerance=0.1)["blessed"] is False
-  assert gate(backend, "far", tolerance=0.1)["blessed"] is False
-  # The champion stays the best blessed value, so tolerance cannot ratchet down.
-  assert backend.open().champion("ml-100k", "sasrec", "ndcg", 10).run_id == "champ"
+  # 10% relative: [0.18, 0.22] ties. (An absolute 0.1 would have tied 0.15 and 0.25.)
+  for run_id, value, expected in [("within-low", 0.181, "tie"), ("within-high", 0.219, "tie"),
+                                  ("beyond", 0.179, "rejected"), ("far", 0.15, "rejected"),
+                                  ("high", 0.25, "blessed")]:
+    evaluated(backend, run_id, value)
+    decision = gate(backend, run_id, tolerance=0.1)
+    assert decision["decision"] == expected, (run_id, decision)
+    assert decision["threshold"] == pytest.approx(0.22)
+    assert decision["reject_threshold"] == pytest.approx(0.18)
+  # The champion is the best blessed value, so tolerance cannot ratchet down.
+  assert backend.open().champion("ds-ml-100k", "sasrec", "ndcg", 10).run_id == "high"
 
 
 def test_revalidating_a_run_replaces_its_decision(backend):
@@ -91,9 +103,9 @@ def test_revalidating_a_run_replaces_its_decision(backend):
   evaluated(backend, "r2", 0.09)
   assert gate(backend, "r2")["blessed"] is False
   # Not its own champion: r1 stays the reference, r2's decision row is replaced.
-  assert gate(backend, "r2", tolerance=0.2)["blessed"] is True
+  assert gate(backend, "r2", tolerance=0.2)["decision"] == "tie"
   rows = backend.open().rows("r2", metric=metrics_store.BLESSED_METRIC)
-  assert [r.value for r in rows] == [1.0]
+  assert [r.value for r in rows] == [0.5]
 
 
 def test_gate_on_mrr_and_families_are_separate(backend):
@@ -108,11 +120,14 @@ def test_gate_on_mrr_and_families_are_separate(backend):
 
 
 def test_candidate_value_given_and_lower_is_better(backend):
-  assert gate(backend, "l1", metric="loss", k=None, candidate_value=2.0,
-              higher_is_better=False)["blessed"] is True
-  worse = gate(backend, "l2", metric="loss", k=None, candidate_value=2.5,
-               higher_is_better=False)
-  assert worse["blessed"] is False and "2.5 > 2" in worse["reason"]
+  kwargs = dict(metric="loss", k=None, higher_is_better=False, dataset_id="ds-x")
+  assert gate(backend, "l1", candidate_value=2.0, **kwargs)["blessed"] is True
+  worse = gate(backend, "l2", candidate_value=2.5, **kwargs)
+  assert worse["decision"] == "rejected" and "2.5 > 2" in worse["reason"]
+  better = gate(backend, "l3", candidate_value=1.5, **kwargs)
+  assert better["decision"] == "blessed" and "1.5 < 2" in better["reason"]
+  with pytest.raises(ValueError, match="has no dataset identity"):
+    gate(backend, "l4", candidate_value=1.0, metric="loss", k=None)
 
 
 def test_bad_input(backend):
@@ -128,14 +143,18 @@ def test_bad_input(backend):
 
 
 @pytest.mark.parametrize("candidate, champion, tolerance, higher, expected", [
-    (0.5, None, 0.0, True, (True, None)),
-    (0.2, 0.2, 0.0, True, (True, 0.2)),
-    (0.19, 0.2, 0.0, True, (False, 0.2)),
-    (0.19, 0.2, 0.06, True, (True, 0.188)),
-    (-1.1, -1.0, 0.1, True, (True, -1.1)),   # relative to |champion|
-    (1.1, 1.0, 0.1, False, (True, 1.1)),
-    (1.2, 1.0, 0.1, False, (False, 1.1)),
+    (0.5, None, 0.0, True, ("blessed", None, None)),
+    (0.2, 0.2, 0.0, True, ("tie", 0.2, 0.2)),
+    (0.2000001, 0.2, 0.0, True, ("blessed", 0.2, 0.2)),
+    (0.19, 0.2, 0.0, True, ("rejected", 0.2, 0.2)),
+    (0.19, 0.2, 0.06, True, ("tie", 0.212, 0.188)),
+    (0.213, 0.2, 0.06, True, ("blessed", 0.212, 0.188)),
+    (-1.1, -1.0, 0.1, True, ("tie", -0.9, -1.1)),   # relative to |champion|
+    (1.1, 1.0, 0.1, False, ("tie", 0.9, 1.1)),
+    (0.89, 1.0, 0.1, False, ("blessed", 0.9, 1.1)),
+    (1.2, 1.0, 0.1, False, ("rejected", 0.9, 1.1)),
 ])
 def test_decide(candidate, champion, tolerance, higher, expected):
-  blessed, threshold = validate.decide(candidate, champion, tolerance, higher)
-  assert (blessed, threshold) == (expected[0], pytest.approx(expected[1]))
+  decision, bless_at, reject_at = validate.decide(candidate, champion, tolerance, higher)
+  assert decision == expected[0]
+  assert (bless_at, reject_at) == (pytest.approx(expected[1]), pytest.approx(expected[2]))

@@ -235,7 +235,7 @@ def test_metrics_table_json():
       ("split", "STRING", "REQUIRED"), ("metric", "STRING", "REQUIRED"),
       ("k", "INT64", "NULLABLE"), ("value", "FLOAT64", "REQUIRED"),
       ("created_at", "TIMESTAMP", "REQUIRED"), ("model_uri", "STRING", "NULLABLE"),
-      ("labels", "STRING", "NULLABLE")]
+      ("labels", "STRING", "NULLABLE"), ("dataset_id", "STRING", "NULLABLE")]
   bigquery = pytest.importorskip("google.cloud.bigquery")
   assert [bigquery.SchemaField.from_api_repr(f).name for f in fields] == [g[0] for g in got]
 

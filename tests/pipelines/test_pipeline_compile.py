@@ -16,7 +16,7 @@ ENV = Env(project="my-project", region="us-central1", pipeline_root="gs://bucket
           service_account="runner@my-project.iam.gserviceaccount.com",
           image_registry=REGISTRY, image_tag="1.2.3")
 STEP_IMAGES = {
-    "preprocess": "recml-preprocess", "train": "recml-trainer", "evaluate": "recml-trainer",
+    "fingerprint": "recml-preprocess", "preprocess": "recml-preprocess", "train": "recml-trainer", "evaluate": "recml-trainer",
     "write-metrics": "recml-tools", "validate": "recml-tools", "bless": "recml-tools",
     "export": "recml-trainer", "deploy": "recml-tools",
 }
@@ -83,16 +83,26 @@ def test_every_config_compiles_for_every_target(tmp_path, config_name, target):
   assert inputs["gate_metric"]["defaultValue"] == config["gate"]["metric"]
   assert inputs["gate_split"]["defaultValue"] == config["gate"]["split"]
   assert inputs["data_uri"]["defaultValue"] == "gs://bucket/ml-1m"
+  assert inputs["timestamp_unit"]["defaultValue"] == config["preprocess"]["timestamp_unit"]
 
-  # Caching: pure steps cached, side-effect steps never.
+  # Caching: pure steps cached, side-effect steps and the fingerprint never.
   for name, (task, _) in found.items():
     enabled = task.get("cachingOptions", {}).get("enableCache", False)
     assert enabled == (name in dag.CACHEABLE_STEPS), name
 
+  # The data's fingerprint is part of preprocess's inputs (so of its cache key), and the
+  # dataset identity preprocess returns keys the metrics and the gate.
+  prep_inputs = found["preprocess"][0]["inputs"]["parameters"]
+  assert prep_inputs["fingerprint"]["taskOutputParameter"] == {
+      "outputParameterKey": "Output", "producerTask": "fingerprint"}
+  for name in ("write-metrics", "validate"):
+    assert found[name][0]["inputs"]["parameters"]["dataset_id"]["taskOutputParameter"] == {
+        "outputParameterKey": "Output", "producerTask": "preprocess"}, name
+
   # The gate: bless runs only under a string comparison of validate's decision.
   _, condition = found["bless"]
   assert condition == "inputs.parameter_values['pipelinechannel--validate-Output'] == 'blessed'"
-  for name in ("preprocess", "train", "evaluate", "write-metrics", "validate"):
+  for name in ("fingerprint", "preprocess", "train", "evaluate", "write-metrics", "validate"):
     assert found[name][1] is None
 
 

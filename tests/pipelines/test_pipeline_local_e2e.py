@@ -124,7 +124,8 @@ def test_two_runs_champion_blessed_crippled_rejected(tmp_path, capsys, monkeypat
   bad = {(r.split, r.metric, r.k): r.value for r in store.rows("smoke-bad")}
   assert bad[("valid", "ndcg", 10)] < rows[("valid", "ndcg", 10)].value
   assert bad[("valid", "blessed", None)] == 0.0
-  champion = store.champion("ml-100k", "sasrec", "ndcg", 10, split="valid")
+  champion = store.champion(dataset["metadata"]["dataset_id"], "sasrec", "ndcg", 10,
+                            split="valid")
   assert champion.run_id == "smoke-good"
 
   # -- the CLI's views of both --------------------------------------------------------

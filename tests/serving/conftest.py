@@ -44,32 +44,37 @@ def dataset(tmp_path_factory):
   return write_dataset(tmp_path_factory.mktemp("serving-data"))
 
 
+def train_tiny(dataset: str, workdir: str, name: str) -> str:
+  """Trains the tiny ``name`` model (``sasrec`` or ``hstu``) into ``workdir``."""
+  from components import train as train_step
+  train_step.run(dataset, workdir, name, [
+      "epochs=1", "max_steps_per_epoch=3", f"max_len={MAX_LEN}", "embedding_dim=16",
+      "num_blocks=2", "batch_size=32", "num_negatives=16", "eval_batch_size=64",
+      "patience=0", "dropout=0.0"] + (["attention_dim=8", "linear_dim=8"]
+                                      if name == "hstu" else ["ffn_dim=16"]))
+  return workdir
+
+
+def export_tiny(workdir: str, dataset: str, path: str) -> str:
+  """The bundle of a :func:`train_tiny` model (``max_k`` 20) at ``path``."""
+  from components import export as export_step
+  export_step.run(workdir, path, dataset, max_k=20)
+  return path
+
+
 @pytest.fixture(scope="session")
 def trained(dataset, tmp_path_factory):
   """model name -> training work directory (train step's Model artifact layout)."""
-  from components import train as train_step
-  out = {}
-  for name in ("sasrec", "hstu"):
-    workdir = str(tmp_path_factory.mktemp(f"model-{name}"))
-    train_step.run(dataset, workdir, name, [
-        "epochs=1", "max_steps_per_epoch=3", f"max_len={MAX_LEN}", "embedding_dim=16",
-        "num_blocks=2", "batch_size=32", "num_negatives=16", "eval_batch_size=64",
-        "patience=0", "dropout=0.0"] + (["attention_dim=8", "linear_dim=8"]
-                                        if name == "hstu" else ["ffn_dim=16"]))
-    out[name] = workdir
-  return out
+  return {name: train_tiny(dataset, str(tmp_path_factory.mktemp(f"model-{name}")), name)
+          for name in ("sasrec", "hstu")}
 
 
 @pytest.fixture(scope="session")
 def bundles(trained, dataset, tmp_path_factory):
   """model name -> bundle directory."""
-  from components import export as export_step
-  out = {}
-  for name, workdir in trained.items():
-    path = str(tmp_path_factory.mktemp(f"bundle-{name}") / "bundle")
-    export_step.run(workdir, path, dataset, max_k=20)
-    out[name] = path
-  return out
+  return {name: export_tiny(workdir, dataset,
+                            str(tmp_path_factory.mktemp(f"bundle-{name}") / "bundle"))
+          for name, workdir in trained.items()}
 
 
 def free_port() -> int:
@@ -119,14 +124,16 @@ class Server:
     self.thread.join(10)
 
 
-def request(method: str, url: str, data: bytes | None = None):
+def request(method: str, url: str, data: bytes | None = None, with_headers: bool = False):
+  """``(status, JSON body)``, or ``(status, JSON body, headers)`` ``with_headers``."""
   req = urllib.request.Request(url, data=data, method=method,
                                headers={"Content-Type": "application/json"})
   try:
     with urllib.request.urlopen(req, timeout=60) as r:
-      return r.status, json.loads(r.read())
+      out = r.status, json.loads(r.read()), r.headers
   except urllib.error.HTTPError as e:
-    return e.code, json.loads(e.read() or b"null")
+    out = e.code, json.loads(e.read() or b"null"), e.headers
+  return out if with_headers else out[:2]
 
 
 @pytest.fixture(scope="session")

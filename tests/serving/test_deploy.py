@@ -30,7 +30,8 @@ def test_bundle_is_data_only(bundles):
   assert set(meta["sha256"]) >= {export.MODEL_FILE, export.WEIGHTS_FILE, export.VOCAB_FILE,
                                  "config.json", "dataset_info.json"}
   assert meta["signature"]["inputs"]["item_ids"] == {"shape": ["b", "l"], "dtype": "int32"}
-  assert meta["format_version"] == 2
+  assert meta["signature"]["inputs"]["timestamps"]["shape"] == ["b", "l", 2]  # time words
+  assert meta["format_version"] == 3
   with np.load(os.path.join(path, export.WEIGHTS_FILE), allow_pickle=False) as npz:
     assert len(npz.files) == len(meta["signature"]["weights"])
   bundle = export.load_bundle(path)
@@ -110,9 +111,9 @@ def test_version_1_bundle_with_a_fixed_length_still_serves(bundles, trained, tmp
   assert v1.length_buckets == (12,) and v2.length_buckets == (12,)
   x = export.right_align([[2, 3, 4], [5, 6, 7, 8, 9]], 12)
   np.testing.assert_allclose(v1.run(x, x, x, x)[0], v2.run(x, x, x, x)[0], rtol=1e-6)
-  meta["format_version"] = 3
+  meta["format_version"] = 4
   (copy / export.BUNDLE_FILE).write_text(json.dumps(meta))
-  with pytest.raises(export.BundleError, match="v3, expected"):
+  with pytest.raises(export.BundleError, match="v4, expected"):
     export.load_bundle(str(copy))
 
 

@@ -13,9 +13,9 @@ def test_split_protocol_golden():
   s = features.split_user_events(7, [5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6], max_len=3)
   assert s.train == {"user_id": 7, "item_ids": [5, 6, 7, 8], "timestamps": [1, 2, 3, 4]}
   assert s.valid == {"user_id": 7, "item_ids": [6, 7, 8], "timestamps": [2, 3, 4],
-                     "target_item": 9, "target_timestamp": 5}
+                     "target_item": 9, "target_timestamp": 5, "seen_items": [5, 6, 7, 8]}
   assert s.test == {"user_id": 7, "item_ids": [7, 8, 9], "timestamps": [3, 4, 5],
-                    "target_item": 10, "target_timestamp": 6}
+                    "target_item": 10, "target_timestamp": 6, "seen_items": [5, 6, 7, 8, 9]}
   # 3 events: valid and test only; fewer: dropped
   three = features.split_user_events(1, [2, 3, 4], [1, 2, 3], max_len=3)
   assert three.train is None and three.valid["item_ids"] == [2] and three.test["target_item"] == 4
@@ -59,6 +59,11 @@ def test_writer_round_trip_and_input_pipeline(tmp_path):
   np.testing.assert_array_equal(test["target"], [7, 5, 5, 0])
   np.testing.assert_array_equal(test["query_timestamps"][0], [30, 40, 50, 60])
   np.testing.assert_array_equal(test["weight"], [1, 1, 1, 0])
+  # every earlier item, beyond max_len, deduplicated; 0-padded to a power of two
+  np.testing.assert_array_equal(test["seen_items"], [[2, 3, 4, 5, 6, 0, 0, 0],
+                                                     [3, 4, 0, 0, 0, 0, 0, 0],
+                                                     [2, 3, 4, 6, 7, 8, 9, 0],
+                                                     [0] * 8])
 
 
 def test_shuffle_is_a_function_of_seed_and_epoch(tmp_path):

@@ -9,7 +9,10 @@ Per block, with ``X`` the ``[B, L, D]`` input::
 ``rab`` is a relative attention bias from the position offset ``j - i`` and from
 log-bucketed time gaps ``query_time_i - time_j``, where ``query_time_i`` is the
 time at which position ``i``'s prediction is made (the next event's timestamp
-in training, the target's at evaluation, the request time when serving). No
+in training, the target's at evaluation, the request time when serving). Times are
+int32 ``[B, L]`` or, for int64 times, int32 words ``[B, L, 2]`` of their offsets from a
+per-sequence reference (:func:`trainers.features.time_words`); gaps are computed
+word by word (:func:`time_gaps`), so they never overflow. No
 feed-forward network. Layer norms inside the block have no learned scale, as in
 the paper's code.
 """
@@ -22,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from trainers import layers
+from trainers import features, layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +44,28 @@ class HSTUConfig:
   position_bias: bool = True
   time_bias: bool = True
   l2_normalize: bool = True
+
+
+def _time_words(times: jax.Array) -> jax.Array:
+  """``[B, L, 2]`` (high, low) words as they come, or those of int32 ``[B, L]`` times."""
+  if times.ndim == 3:
+    return times
+  times = times.astype(jnp.int32)
+  bits = features.TIME_WORD_BITS
+  return jnp.stack([times >> bits, times & ((1 << bits) - 1)], axis=-1)
+
+
+def time_gaps(query_timestamps: jax.Array, timestamps: jax.Array) -> jax.Array:
+  """float32 ``[B, Lq, L]`` gaps ``query_timestamps[:, i] - timestamps[:, j]``.
+
+  The high and low words are subtracted separately in int32 (the low words' gap is
+  below 2**24, exact in float32), then combined in float32: nothing overflows, and the
+  gap's relative error is below 2**-23 (one rounding below 2**48, two above).
+  """
+  q, t = _time_words(query_timestamps), _time_words(timestamps)
+  high = q[:, :, None, 0] - t[:, None, :, 0]
+  low = q[:, :, None, 1] - t[:, None, :, 1]
+  return high.astype(jnp.float32) * float(1 << features.TIME_WORD_BITS) + low.astype(jnp.float32)
 
 
 def time_buckets(dt: jax.Array, num_buckets: int, divisor: float) -> jax.Array:
@@ -73,7 +98,7 @@ class RelativeBias(nn.Module):
           (c.num_time_buckets + 1,), jnp.float32)
       if query_timestamps is None:
         query_timestamps = timestamps
-      dt = query_timestamps[:, :, None] - timestamps[:, None, :]
+      dt = time_gaps(query_timestamps, timestamps)
       bias = bias + ts_w[time_buckets(dt, c.num_time_buckets, c.time_bucket_divisor)]
     return bias
 

@@ -46,19 +46,19 @@ EXPECTED = {
     ],
     "valid": [
         {"user_id": [0], "item_ids": [3, 1], "timestamps": [200, 200],
-         "target_item": [4], "target_timestamp": [300]},
+         "target_item": [4], "target_timestamp": [300], "seen_items": [1, 2, 3]},
         {"user_id": [1], "item_ids": [2], "timestamps": [1],
-         "target_item": [4], "target_timestamp": [2]},
+         "target_item": [4], "target_timestamp": [2], "seen_items": [2]},
         {"user_id": [2], "item_ids": [4], "timestamps": [50],
-         "target_item": [3], "target_timestamp": [60]},
+         "target_item": [3], "target_timestamp": [60], "seen_items": [4]},
     ],
     "test": [
         {"user_id": [0], "item_ids": [1, 4], "timestamps": [200, 300],
-         "target_item": [2], "target_timestamp": [400]},
+         "target_item": [2], "target_timestamp": [400], "seen_items": [1, 2, 3, 4]},
         {"user_id": [1], "item_ids": [2, 4], "timestamps": [1, 2],
-         "target_item": [2], "target_timestamp": [3]},
+         "target_item": [2], "target_timestamp": [3], "seen_items": [2, 4]},
         {"user_id": [2], "item_ids": [4, 3], "timestamps": [50, 60],
-         "target_item": [2], "target_timestamp": [70]},
+         "target_item": [2], "target_timestamp": [70], "seen_items": [3, 4]},
     ],
 }
 
@@ -151,9 +151,13 @@ def test_threshold_fails_with_file_and_first_bad_rows(golden_input, tmp_path):
   assert f"{golden_input / 'ratings.dat'}:6: wrong field count" in message
   assert ":17: unreadable encoding" in message
   assert "--bad-rows-threshold" in message
-  # the rejected rows are kept for inspection; no dataset_info.json is written
-  assert (tmp_path / "quarantine" / "part-00000-of-00001.jsonl").exists()
-  assert not (tmp_path / features.DATASET_INFO_FILE).exists()
+  # the rejected rows are kept for inspection in the run's work folder, named in
+  # the message; nothing is published to the output
+  work = tmp_path.parent / (tmp_path.name + ".partial")
+  assert f"{work / 'quarantine'}/" in message
+  assert (work / "quarantine" / "part-00000-of-00001.jsonl").exists()
+  assert not (work / features.DATASET_INFO_FILE).exists()
+  assert list(tmp_path.iterdir()) == []
 
 
 def _cli(*args):
