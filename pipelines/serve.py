@@ -714,7 +714,8 @@ def make_app(bundle_dir: str, *, health_route: str = DEFAULT_HEALTH_ROUTE,
       try:
         bundle, info = await loop.run_in_executor(None, load)
       except Exception as e:  # pylint: disable=broad-except
-        reason = str(e) if type(e) is RuntimeError else f"{type(e).__name__}: {e}"  # pylint: disable=unidiomatic-typecheck  (the device's own message)
+        # a RuntimeError carries the device process's own "Type: message"
+        reason = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
         log.error("cannot load the bundle %s: %s", bundle_dir, reason)
         fatal(f"cannot load the bundle {bundle_dir}: {reason}")
         return

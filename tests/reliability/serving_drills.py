@@ -1,4 +1,5 @@
-"""Drills against a running ``recml serve``: a seeded fuzz-plus-load run.
+"""Drills against a running ``recml serve``: a seeded fuzz-plus-load run, and a kill of
+its device process (:func:`kill_drill`, for a server on this machine).
 
     from tests.reliability.serving_drills import fuzz_and_load
     report = fuzz_and_load("http://127.0.0.1:8080", item_ids=[1000, 1007, ...],
@@ -16,11 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
+import threading
 import time
 from typing import Any, Sequence
 
 import numpy as np
+
+from tests.serving.conftest import request
 
 # kind -> (weight, statuses it should get)
 KINDS: dict[str, tuple[int, tuple[int, ...]]] = {
@@ -158,3 +164,63 @@ def fuzz_and_load(url: str, item_ids: Sequence[Any], max_len: int, max_k: int,
       "p50_ms": round(float(np.percentile(latencies, 50)), 2),
       "p99_ms": round(float(np.percentile(latencies, 99)), 2),
   }
+
+
+def kill_drill(url: str, body: dict[str, Any], threads: int = 3, pause: float = 0.05,
+               timeout: float = 120) -> dict[str, Any]:
+  """SIGKILLs the device process of a server on this machine (``device_pid`` of its
+  health route) while ``threads`` clients post ``body`` in a loop (every ``pause`` s);
+  returns when the health route is ready with a new device process, or after ``timeout``.
+
+  Returns ``{"old_pid", "new_pid", "restarts", "recovery_seconds" (kill -> ready again),
+  "status": {code: count}, "answers": [(status, JSON, headers)] of the requests sent
+  after the kill}`` (status 0 = no HTTP answer).
+  """
+  def call(method, route, data=None):
+    try:
+      return request(method, url + route, data, with_headers=True)
+    except OSError as e:
+      return 0, {"error": f"{type(e).__name__}: {e}"}, {}
+
+  status, health, _ = call("GET", "/health")
+  if status != 200:
+    raise RuntimeError(f"the server is not ready: {status} {health}")
+  old_pid = health["device_pid"]
+  data = json.dumps(body).encode()
+  answers: list[tuple[float, int, Any, dict]] = []
+  stop = threading.Event()
+
+  def hammer():  # requests in flight and arriving while the device is down
+    while not stop.is_set():
+      sent = time.monotonic()
+      code, answer, headers = call("POST", "/predict", data)
+      answers.append((sent, code, answer, dict(headers)))
+      time.sleep(pause)
+
+  workers = [threading.Thread(target=hammer, daemon=True) for _ in range(threads)]
+  for w in workers:
+    w.start()
+  time.sleep(10 * pause)
+  killed = time.monotonic()
+  os.kill(old_pid, signal.SIGKILL)
+  try:
+    while time.monotonic() < killed + timeout:
+      status, health, _ = call("GET", "/health")
+      if status == 200 and health["device_pid"] != old_pid:
+        break
+      time.sleep(0.05)
+    recovery = time.monotonic() - killed
+  finally:
+    stop.set()
+    for w in workers:
+      w.join(60)
+  after = [(code, answer, headers) for sent, code, answer, headers in answers
+           if sent >= killed]
+  counts: dict[int, int] = {}
+  for code, _, _ in after:
+    counts[code] = counts.get(code, 0) + 1
+  ready = status == 200 and health["device_pid"] != old_pid
+  return {"old_pid": old_pid, "new_pid": health["device_pid"] if ready else None,
+          "restarts": health.get("device_restarts") if ready else None,
+          "recovery_seconds": round(recovery, 2) if ready else None,
+          "status": dict(sorted(counts.items())), "answers": after}

@@ -8,7 +8,6 @@
 * A RUNNING run whose pid died, is a zombie or was reused by another process is FAILED.
 """
 
-import glob
 import json
 import os
 import re
@@ -23,6 +22,7 @@ import pytest
 from pipelines import cli
 from pipelines import local as local_lib
 from pipelines import resume as resume_lib
+from tests.reliability import run_drills as drills
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ML100K = os.path.join(REPO, "..", "shared", "datasets", "ml-100k")
@@ -37,26 +37,12 @@ def _clean_env(monkeypatch):
     monkeypatch.delenv(var, raising=False)
 
 
-def _recml(*argv):
-  return [sys.executable, "-m", "pipelines.cli", *argv]
-
-
-def _env():
-  return {k: v for k, v in os.environ.items()
-          if k not in ("RECML_PIPELINE_ROOT", "RECML_STORE_URI")}
-
-
 def _write_run(root, run_id, **fields):
   run_dir = os.path.join(root, run_id)
   os.makedirs(run_dir)
   local_lib.write_manifest(run_dir, {"run_id": run_id, "target": "local",
                                      "started": "2026-01-01T00:00:00+00:00", **fields})
   return run_dir
-
-
-def _tail(path, n=3000):
-  with open(path, encoding="utf-8", errors="replace") as f:
-    return f.read()[-n:]
 
 
 # ---------------------------------------------------------------------------
@@ -69,47 +55,31 @@ def _tail(path, n=3000):
 def test_killed_run_is_failed_and_resumes_to_the_uninterrupted_metrics(tmp_path, capsys):
   from components import train as train_step  # pylint: disable=g-import-not-at-top
   root, run_id = str(tmp_path / "runs"), "smoke-killed"
-  log = str(tmp_path / "killed.log")
-  t0 = time.time()
-  with open(log, "w", encoding="utf-8") as out:
-    proc = subprocess.Popen(
-        _recml("run", "--config", "ml100k_smoke", "--data", ML100K, "--pipeline-root", root,
-               "--run-id", run_id, *OVERRIDES),
-        cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-  # Kill the whole run (recml and its step processes) once epoch 1's checkpoint is final.
-  pattern = os.path.join(root, run_id, "*", "train", "model", "checkpoints", "latest", "*")
-  while not [p for p in glob.glob(pattern) if os.path.basename(p).isdigit()]:
-    assert proc.poll() is None, f"the run ended before training checkpointed:\n{_tail(log)}"
-    assert time.time() - t0 < 600, "no checkpoint after 10 minutes"
-    time.sleep(0.1)
-  os.killpg(proc.pid, signal.SIGKILL)
-  assert proc.wait() == -signal.SIGKILL
-  killed_seconds = time.time() - t0
+  killed = drills.kill_during_training(root, run_id, ML100K, OVERRIDES,
+                                       str(tmp_path / "killed.log"))
+  assert killed["returncode"] == -signal.SIGKILL
+  killed_seconds, pid = killed["seconds"], killed["pid"]
 
   run_dir = os.path.join(root, run_id)
   record = local_lib.read_manifest(run_dir)
-  assert record["status"] == "RUNNING" and record["pid"] == proc.pid  # as the kill left it
+  assert record["status"] == "RUNNING" and record["pid"] == pid  # as the kill left it
   [first] = resume_lib.attempts(run_dir)
   assert not os.path.exists(os.path.join(first, "train", "executor_output.json"))  # mid-train
 
   # -- the listing sees the dead process ----------------------------------------------
   assert cli.main(["runs", "list", "--pipeline-root", root]) == 0
   listing = capsys.readouterr().out
-  assert re.search(rf"{run_id}\s+FAILED \(process {proc.pid} died\)", listing), listing
+  assert re.search(rf"{run_id}\s+FAILED \(process {pid} died\)", listing), listing
   assert "RUNNING" not in listing
   assert cli.main(["runs", "show", run_id, "--pipeline-root", root]) == 0
-  assert f"FAILED (process {proc.pid} died)" in capsys.readouterr().out
+  assert f"FAILED (process {pid} died)" in capsys.readouterr().out
 
   # -- resume: preprocess reused, train continues from epoch 1 --------------------------
   prep_output = os.path.join(first, "preprocess", "executor_output.json")
   before = (os.stat(prep_output).st_mtime_ns, open(prep_output, "rb").read())
-  t1 = time.time()
-  resumed = subprocess.run(_recml("run", "--resume", run_id, "--pipeline-root", root),
-                           cwd=REPO, env=_env(), capture_output=True, text=True, check=False)
-  resume_seconds = time.time() - t1
-  text = resumed.stdout + resumed.stderr
-  assert resumed.returncode == 0, text[-3000:]
-  steps = dict(re.findall(r"^step ([\w-]+): (.*)$", resumed.stdout, re.M))
+  resumed = drills.resume(root, run_id)
+  resume_seconds, text, steps = resumed["seconds"], resumed["output"], resumed["steps"]
+  assert resumed["returncode"] == 0, text[-3000:]
   assert steps["preprocess"].startswith("reused"), steps
   assert steps["train"].startswith("ran (continued from the partial model"), steps
   assert steps["evaluate"] == "ran" and steps["write-metrics"] == "ran (never cached)"
@@ -159,9 +129,9 @@ def test_reused_run_id_is_a_clear_error_with_exit_2(tmp_path):
   root = str(tmp_path / "runs")
   _write_run(root, "taken", status="SUCCEEDED")
   done = subprocess.run(
-      _recml("run", "--config", "ml100k_smoke", "--data", str(tmp_path),
+      drills.recml("run", "--config", "ml100k_smoke", "--data", str(tmp_path),
              "--pipeline-root", root, "--run-id", "taken"),
-      cwd=REPO, env=_env(), capture_output=True, text=True, check=False)
+      cwd=REPO, env=drills.clean_env(), capture_output=True, text=True, check=False)
   assert done.returncode == 2, done.stderr
   assert "Traceback" not in done.stderr
   assert done.stderr.strip() == (
@@ -208,10 +178,10 @@ def test_dead_zombie_and_reused_pids_read_as_failed(tmp_path, capsys):
   shown = local_lib.run_status(local_lib.read_manifest(run_dir), run_dir)
   for listed in (local_lib.list_runs(root)[0], shown):
     assert listed["status"] == "FAILED"
-    assert listed["status_detail"] == f"process {proc.pid} died"
+    assert listed["status_detail"] == f"process {pid} died"
   proc.wait()
   assert cli.main(["runs", "list", "--pipeline-root", root]) == 0
-  assert f"FAILED (process {proc.pid} died)" in capsys.readouterr().out
+  assert f"FAILED (process {pid} died)" in capsys.readouterr().out
 
   # A live pid that started at another time is another process (the pid was reused).
   me = local_lib.process_start_time(os.getpid())

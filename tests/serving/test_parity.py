@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from trainers import evaluate, features
-from trainers.input_pipeline import SequenceData
+from trainers.input_pipeline import SequenceData, model_batch
 
 pytestmark = pytest.mark.integration
 K = 20
@@ -26,7 +26,7 @@ def test_served_scores_equal_trainer_scores(name, trained, dataset, servers):
       user = m(batch["history"], batch["timestamps"], batch["query_timestamps"])
       return user[:, -1] @ m.all_candidates().T
     return model.apply({"params": params}, method=fwd)
-  scores = np.asarray(jax.jit(full_forward_scores)(params, batch))
+  scores = np.asarray(jax.jit(full_forward_scores)(params, model_batch(batch)))
   lengths = (batch["history"] != features.PAD_ID).sum(1)
   assert {1, 2} & set(lengths) or min(lengths) <= 4  # short and ...
   assert max(lengths) > 8                              # ... long histories (length buckets)
