@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 CHUNK_BYTES = 1 << 20
 MANIFEST_FILE = "fingerprint.json"
-# The split protocol the dataset identity includes (trainers.features; DESIGN.md).
+# The split protocol the dataset identity includes (trainers.features).
 SPLIT_PROTOCOL = "leave-one-out per user, time-ordered: last = test, second-to-last = valid"
 # Fields of an entry that identify the content (the others are recorded for lineage).
 _CONTENT_FIELDS = ("name", "size", "sha256", "md5", "crc32c", "generation", "table",

@@ -42,7 +42,7 @@ Writing a bundle needs the model code (Flax); loading one needs only ``jax`` and
 imported inside :func:`export_bundle` only.
 
 TF SavedModel: not written. Native ``jax2tf`` output (StableHLO inside ``XlaCallModule``)
-of JAX 0.10.2 does not load in TF 2.21 (DESIGN.md). ``jax2tf.convert(...,
+of JAX 0.10.2 does not load in TF 2.21 (measured here). ``jax2tf.convert(...,
 native_serialization=False)`` (TF graph ops, no StableHLO) still converts a trivial
 function in JAX 0.10.2, so it may avoid the mismatch. It was not tried on these models,
 and the serving path does not need it.

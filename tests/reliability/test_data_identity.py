@@ -273,14 +273,14 @@ def _value(writer, rnd, key_index):
   return writer * 1000 + rnd * 100 + key_index
 
 
-def _rows(writer, rnd):
+def rows_of(writer, rnd):
   return [metrics_store.MetricRow(
       run_id="run-1", model="sasrec", dataset="ml-100k", split=split, metric=metric, k=k,
       value=float(_value(writer, rnd, i)), labels={"writer": writer, "round": rnd},
       dataset_id="ds-000000000000") for i, (split, metric, k) in enumerate(KEYS)]
 
 
-_PROCESS_WRITER = """
+PROCESS_WRITER = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
 from tests.reliability import test_data_identity as t
@@ -291,7 +291,7 @@ open(go + ".ready." + str(writer), "w").close()
 while not os.path.exists(go):
   time.sleep(0.002)
 for rnd in range(t.ROUNDS):
-  store.write(t._rows(writer, rnd))
+  store.write(t.rows_of(writer, rnd))
 """
 
 
@@ -316,7 +316,7 @@ def test_duckdb_threads_and_processes_write_one_row_per_key(tmp_path):
   uri = f"duckdb:///{path}"
   go = tmp_path / "go"
   env = {**os.environ, "PYTHONPATH": REPO}
-  procs = [subprocess.Popen([sys.executable, "-c", _PROCESS_WRITER.format(repo=REPO), uri,
+  procs = [subprocess.Popen([sys.executable, "-c", PROCESS_WRITER.format(repo=REPO), uri,
                              str(100 + p), str(go)], env=env) for p in range(4)]
   barrier = threading.Barrier(8)
   errors = []
@@ -326,7 +326,7 @@ def test_duckdb_threads_and_processes_write_one_row_per_key(tmp_path):
       store = metrics_store.open_store(uri)
       barrier.wait()
       for rnd in range(ROUNDS):
-        store.write(_rows(writer, rnd))
+        store.write(rows_of(writer, rnd))
     except Exception as e:  # pylint: disable=broad-except
       errors.append(e)
 
@@ -394,7 +394,7 @@ def test_bigquery_merge_is_the_key_under_concurrent_writers(bq_client):
   def writer(w):
     try:
       for rnd in range(2):
-        store.write(_rows(w, rnd))
+        store.write(rows_of(w, rnd))
     except Exception as e:  # pylint: disable=broad-except
       errors.append(e)
 

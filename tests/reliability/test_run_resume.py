@@ -178,10 +178,10 @@ def test_dead_zombie_and_reused_pids_read_as_failed(tmp_path, capsys):
   shown = local_lib.run_status(local_lib.read_manifest(run_dir), run_dir)
   for listed in (local_lib.list_runs(root)[0], shown):
     assert listed["status"] == "FAILED"
-    assert listed["status_detail"] == f"process {pid} died"
+    assert listed["status_detail"] == f"process {proc.pid} died"
   proc.wait()
   assert cli.main(["runs", "list", "--pipeline-root", root]) == 0
-  assert f"FAILED (process {pid} died)" in capsys.readouterr().out
+  assert f"FAILED (process {proc.pid} died)" in capsys.readouterr().out
 
   # A live pid that started at another time is another process (the pid was reused).
   me = local_lib.process_start_time(os.getpid())
