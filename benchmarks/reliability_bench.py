@@ -84,7 +84,7 @@ def drill_resume(work: str) -> list[list[str]]:
       ["run killed in training (SIGKILL)", f"after {killed['seconds']:.1f} s",
        f"`runs list`: {status}", "-"],
       ["`recml run --resume`", f"reused: {', '.join(reused)}; train: "
-       f"{resumed['steps'].get('train', '?')[:40]}",
+       f"{resumed['steps'].get('train', '?').split(' of ')[0]})",
        f"test metrics vs uninterrupted training: max |diff| {diff:.1e} over {len(want)}",
        f"{resumed['seconds']:.1f} s (uninterrupted train step alone: "
        f"{reference_seconds:.1f} s)"],
@@ -97,7 +97,8 @@ def _exit_drill(bundle: str, log: str) -> tuple[int, float, str]:
   server = CliServer(bundle, log)
   code = server.proc.wait(120)
   lines = [l for l in server.read_log().splitlines() if l.strip()]
-  return code, time.monotonic() - started, (lines[-1] if lines else "")[:90]
+  reason = (lines[-1] if lines else "").replace(os.path.dirname(bundle) + os.sep, "")
+  return code, time.monotonic() - started, reason[:110]
 
 
 def drill_serving(work: str, kills: int = 3) -> list[list[str]]:
@@ -127,16 +128,18 @@ def drill_serving(work: str, kills: int = 3) -> list[list[str]]:
   try:
     server.wait_ready()
     ids = raw_ids(data)
-    body = {"instances": [{"history": ids[:5], "timestamps": [1_000_000 + i for i in range(5)],
-                           "k": 5}]}
-    recovery, statuses = [], {}
+    body = {"instances": [{"items": ids[:5], "k": K}, {"items": ids[10:12], "k": 5}]}
+    recovery, statuses, after = [], {}, {}
     for _ in range(kills):
       drill = kill_drill(server.url, body)
       recovery.append(drill["recovery_seconds"])
       for code, n in drill["status"].items():
         statuses[code] = statuses.get(code, 0) + n
+      code, _ = server.post(body)
+      after[code] = after.get(code, 0) + 1
     rows.append(["device process SIGKILLed under load", f"{kills} kills, 3 clients posting",
-                 f"statuses while down and after: {_codes(statuses)}",
+                 f"statuses from the kill until ready: {_codes(statuses)}; first request "
+                 f"after ready: {_codes(after)}",
                  f"ready again after {statistics.median(recovery):.1f} s (median; "
                  f"{', '.join(f'{r:.1f}' for r in recovery)})"])
     report = fuzz_and_load(server.url, ids, MAX_LEN, K, MAX_BODY, n=2000, concurrency=16)
