@@ -105,7 +105,7 @@ if [ ! -s "$tarball" ]; then
   as_root debootstrap --variant=minbase --include="$base_packages" "$suite" "$rootfs" "$mirror" \
     >"$cache/debootstrap.log" 2>&1 \
     || die "debootstrap failed; see $cache/debootstrap.log"
-  # pip in the images reaches PyPI only with this machine's CA bundle (see DESIGN.md).
+  # pip in the images reaches PyPI only with this machine's CA bundle (see docs/design.md).
   as_root cp "$ca_bundle" "$rootfs/etc/ssl/certs/ca-certificates.crt"
   as_root rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
     "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/locale/*
