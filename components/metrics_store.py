@@ -231,6 +231,24 @@ def decision_of(value: float | None) -> str | None:
   raise ValueError(f"blessed row value {value} is none of {DECISION_VALUES}")
 
 
+def json_object(value: Mapping[str, Any] | str | None, what: str) -> dict[str, Any]:
+  """``value`` -- a mapping, its JSON text, or None / "" for empty -- as a dict.
+
+  Raises:
+    ValueError: ``"{what} is not valid JSON: ..."`` or ``"{what} must be a JSON object, ..."``.
+  """
+  if value is None or value == "":
+    return {}
+  if isinstance(value, str):
+    try:
+      value = json.loads(value)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{what} is not valid JSON: {e}") from None
+  if not isinstance(value, Mapping):
+    raise ValueError(f"{what} must be a JSON object, got {type(value).__name__}")
+  return dict(value)
+
+
 def parse_metric_name(name: str) -> tuple[str, int | None]:
   """``"ndcg@10"`` -> ``("ndcg", 10)``; ``"mrr"`` -> ``("mrr", None)``."""
   metric, sep, k = name.partition("@")
@@ -270,16 +288,7 @@ def normalize_row(row: MetricRow | Mapping[str, Any],
   if out["created_at"] is None:
     out["created_at"] = now or datetime.datetime.now(datetime.timezone.utc)
   out["created_at"] = _utc(out["created_at"])
-  labels = out["labels"]
-  if labels is None or labels == "":
-    labels = {}
-  if isinstance(labels, str):
-    try:
-      labels = json.loads(labels)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{where}: labels is not valid JSON: {e}") from None
-  if not isinstance(labels, Mapping):
-    raise ValueError(f"{where}: labels must be a JSON object, got {type(labels).__name__}")
+  labels = json_object(out["labels"], f"{where}: labels")
   try:
     out["labels"] = json.dumps(labels, sort_keys=True, allow_nan=False, default=str)
   except ValueError:

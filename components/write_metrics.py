@@ -14,26 +14,12 @@ champion by the identity.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping
 
 from components import metrics_store
 
 # Top-level entries of the evaluation output that are columns already, not labels.
 _COLUMN_ENTRIES = frozenset(metrics_store.COLUMNS)
-
-
-def _mapping(value: Mapping[str, Any] | str | None, what: str) -> dict[str, Any]:
-  if value is None or value == "":
-    return {}
-  if isinstance(value, str):
-    try:
-      value = json.loads(value)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{what} is not valid JSON: {e}") from None
-  if not isinstance(value, Mapping):
-    raise ValueError(f"{what} must be a mapping, got {type(value).__name__}")
-  return dict(value)
 
 
 def to_rows(run_id: str, pipeline: str | None, model: str, dataset: str,
@@ -46,8 +32,8 @@ def to_rows(run_id: str, pipeline: str | None, model: str, dataset: str,
     ValueError: a metric value is not a number, a key is not ``name`` / ``name@K``,
       or there is no split at all.
   """
-  metrics = _mapping(metrics, "metrics")
-  labels = _mapping(labels, "labels")
+  metrics = metrics_store.json_object(metrics, "metrics")
+  labels = metrics_store.json_object(labels, "labels")
   facts = {k: v for k, v in metrics.items()
            if not isinstance(v, Mapping) and k not in _COLUMN_ENTRIES}
   labels = {**facts, **labels}

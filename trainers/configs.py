@@ -83,7 +83,6 @@ class TrainConfig:
   bucket_window: int = 8
   # bookkeeping
   seed: int = 42
-  log_every_steps: int = 50
   max_steps_per_epoch: int = 0        # 0 = whole epoch; >0 caps it (smoke tests)
 
   def __post_init__(self):
@@ -132,6 +131,9 @@ class TrainConfig:
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
     d = dict(d)
+    # Legacy key: config.json files written before the unused ``log_every_steps``
+    # field was removed still carry it; it never changed a number, so drop it.
+    d.pop("log_every_steps", None)
     d["model_config"] = models.config_from_dict(d["model"], d.get("model_config") or {})
     for key in ("top_ks", "length_bucket_fractions"):
       if key in d:
@@ -143,9 +145,8 @@ class TrainConfig:
 # of TrainConfig and of the model's config (model, data, optimisation, loss, evaluation,
 # selection, input, seed) is the run's identity: its checkpoints continue only that
 # config. ``epochs`` extends a run (data order and randomness are functions of seed,
-# epoch and step, so the result equals an uninterrupted run of that many epochs);
-# ``log_every_steps`` changes no number.
-RESUMABLE_FIELDS = frozenset({"epochs", "log_every_steps"})
+# epoch and step, so the result equals an uninterrupted run of that many epochs).
+RESUMABLE_FIELDS = frozenset({"epochs"})
 
 
 def config_differences(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:

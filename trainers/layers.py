@@ -8,7 +8,7 @@ table later means changing that table of rules, not the models.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -23,7 +23,6 @@ VOCAB = "vocab"
 EMBED = "embed"
 MLP = "mlp"
 HEADS = "heads"
-KV = "kv"
 POSITION = "position"
 BUCKETS = "buckets"
 
@@ -139,6 +138,20 @@ class PositionEmbedding(nn.Module):
         nn.with_logical_partitioning(truncated_normal(0.02), (POSITION, EMBED)),
         (self.max_len, self.features), jnp.float32)
     return table[self.max_len - length:]
+
+
+def input_modules(config: Any) -> tuple[ItemEmbedding, PositionEmbedding, Dropout]:
+  """The input block's modules, for a sequential model's ``setup``.
+
+  ``config`` has ``vocab_size``, ``max_len``, ``embedding_dim``, ``l2_normalize`` and
+  ``dropout``. Assign them as ``self.item_embedding, self.position_embedding,
+  self.input_dropout``: those attribute names are the parameter paths that checkpoints
+  and serving bundles hold.
+  """
+  return (ItemEmbedding(config.vocab_size, config.embedding_dim,
+                        normalize=config.l2_normalize),
+          PositionEmbedding(config.max_len, config.embedding_dim),
+          Dropout(config.dropout))
 
 
 def causal_mask(valid: Array) -> Array:

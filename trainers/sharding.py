@@ -27,7 +27,6 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     (layers.EMBED, None),
     (layers.MLP, None),
     (layers.HEADS, None),
-    (layers.KV, None),
     (layers.POSITION, None),
     (layers.BUCKETS, None),
 )

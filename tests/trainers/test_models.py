@@ -121,6 +121,8 @@ def test_overrides_and_round_trip():
   assert cfg.epochs == 3 and cfg.loss == "softmax"
   again = configs.TrainConfig.from_dict(cfg.to_dict())
   assert again == cfg
+  # config.json files from before log_every_steps was removed still load.
+  assert configs.TrainConfig.from_dict({**cfg.to_dict(), "log_every_steps": 50}) == cfg
   with pytest.raises(ValueError, match="unknown setting 'bogus'"):
     configs.apply_overrides(cfg, ["bogus=1"])
   with pytest.raises(ValueError, match="key=value"):

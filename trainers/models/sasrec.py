@@ -80,10 +80,8 @@ class SASRec(nn.Module):
 
   def setup(self):
     c = self.config
-    self.item_embedding = layers.ItemEmbedding(
-        c.vocab_size, c.embedding_dim, normalize=c.l2_normalize)
-    self.position_embedding = layers.PositionEmbedding(c.max_len, c.embedding_dim)
-    self.input_dropout = layers.Dropout(c.dropout)
+    self.item_embedding, self.position_embedding, self.input_dropout = (
+        layers.input_modules(c))
     self.blocks = [_Block(c) for _ in range(c.num_blocks)]
     self.final_norm = nn.LayerNorm(epsilon=1e-8)
 

@@ -136,11 +136,8 @@ def test_pairs_and_sequences_formats_agree(tmp_path):
 
 def test_output_trains_with_the_trainer(tmp_path):
   """The trainer consumes this output unchanged (a few steps of SASRec)."""
-  try:
-    from trainers import configs, train  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    pytest.skip("trainer not yet available")
   import math  # pylint: disable=g-import-not-at-top
+  from trainers import configs, train  # pylint: disable=g-import-not-at-top
   data = tmp_path / "data"
   run(str(shared("ml-100k")), str(data), max_len=20)
   cfg = configs.get_config("sasrec", smoke=True, data_dir=str(data), epochs=1,
