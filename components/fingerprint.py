@@ -33,7 +33,6 @@ import os
 import posixpath
 from typing import Any, Iterable, Mapping, Sequence
 
-CHUNK_BYTES = 1 << 20
 MANIFEST_FILE = "fingerprint.json"
 # The split protocol the dataset identity includes (trainers.features).
 SPLIT_PROTOCOL = "leave-one-out per user, time-ordered: last = test, second-to-last = valid"
@@ -46,12 +45,9 @@ _CONTENT_FIELDS = ("name", "size", "sha256", "md5", "crc32c", "generation", "tab
 # Files
 # ---------------------------------------------------------------------------
 def sha256_file(path: str) -> str:
-  """The SHA-256 of a local file, read in 1 MiB chunks."""
-  h = hashlib.sha256()
+  """The SHA-256 (hex) of a local file, streamed."""
   with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
-      h.update(chunk)
-  return h.hexdigest()
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _split_scheme(path: str) -> tuple[str, str]:

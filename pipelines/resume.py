@@ -38,6 +38,8 @@ import os
 import shutil
 from typing import Any, Callable, Iterator, Mapping
 
+from components import fingerprint as data_fingerprint
+
 STEP_FILE = "recml_step.json"
 EXECUTOR_OUTPUT = "executor_output.json"
 # task -> output artifacts a re-run continues from (the trainer's work directory:
@@ -73,8 +75,7 @@ def path_digest(path: str) -> str:
     h = hashlib.sha256()
     for rel, full in files:
       h.update(rel.encode() + b"\0")
-      with open(full, "rb") as f:
-        h.update(hashlib.file_digest(f, "sha256").digest())
+      h.update(data_fingerprint.sha256_file(full).encode())
     _DIGESTS[key] = h.hexdigest()
   return _DIGESTS[key]
 
