@@ -93,7 +93,8 @@ for t in "${run_tiers[@]}"; do
   # Counted with the same arguments as the run (paths, -k), so that N is what runs.
   crc=0
   ids=$("$pytest" --collect-only -q -m "$expr" "$@" 2>/dev/null) || crc=$?
-  n=$(grep -cE '^[^ ]+::' <<<"$ids" || true)
+  # One node id per line; with an extra -q in the arguments, "file.py: N" per file.
+  n=$(awk '/^[^ ]+::/ {n++} /^[^ ]+\.py: [0-9]+$/ {n += $2} END {print n + 0}' <<<"$ids")
   echo "test.sh: tier $t ($n tests): pytest -m \"$expr\"" >&2
   if [ "$crc" -eq 5 ]; then  # nothing selected (a collection error runs, and shows)
     summary+=("$t: no tests selected")
