@@ -5,7 +5,7 @@ changes; the URI alone says nothing. The fingerprint does, without reading the d
 twice where the storage already knows:
 
 * files (a local path, a glob or a MovieLens folder; ``gs://``): exactly the files the
-  preprocess step reads (:func:`components.preprocess.sources.resolve_input`), as the
+  preprocess step reads (:func:`components.preprocess.sources.resolve.resolve_input`), as the
   sorted list of names relative to their common folder, sizes and content hashes:
   SHA-256 streamed from local files; for ``gs://`` the object metadata (MD5, or CRC32C
   plus the generation for composite objects without one; the generation is recorded in
@@ -123,8 +123,8 @@ def gcs_entries(paths: Sequence[str], client=None) -> list[dict[str, Any]]:
 
 def file_entries(input_uri: str, gcs_client=None) -> list[dict[str, Any]]:
   """Entries of the files the preprocess step reads for ``input_uri``."""
-  from components.preprocess import sources  # pylint: disable=g-import-not-at-top
-  paths = [path for path, _ in sources.resolve_input(input_uri)]
+  from components.preprocess.sources import resolve  # pylint: disable=g-import-not-at-top
+  paths = [path for path, _ in resolve.resolve_input(input_uri)]
   gcs = [p for p in paths if p.startswith("gs://")]
   other = [p for p in paths if "://" in p and not p.startswith("gs://")]
   if other:
@@ -148,13 +148,13 @@ def bigquery_table_entry(table) -> dict[str, Any]:
 
 def bigquery_entries(input_ref: str, client=None) -> list[dict[str, Any]]:
   """Entries of a BigQuery table, view or query (``bq://p.d.t`` or ``SELECT ...``)."""
-  from components.preprocess import sources  # pylint: disable=g-import-not-at-top
+  from components.preprocess.sources import bigquery as bq_input  # pylint: disable=g-import-not-at-top
   from google.cloud import bigquery  # pylint: disable=g-import-not-at-top
   ref = input_ref.strip()
   is_query = not ref.lower().startswith("bq://")
   table_id = None
   if not is_query:
-    project, _, rest = sources.table_spec(ref).rpartition(":")   # project:dataset.table
+    project, _, rest = bq_input.table_spec(ref).rpartition(":")   # project:dataset.table
     table_id = f"{project}.{rest}"
   if client is None:
     client = bigquery.Client(project=table_id.rsplit(".", 2)[0] if table_id else None)
@@ -199,12 +199,12 @@ def compute(input_uri: str, *, gcs_client=None, bq_client=None) -> dict[str, Any
   """The fingerprint of an input: ``{"input", "kind", "entries", "digest"}``.
 
   Raises:
-    components.preprocess.sources.InputError: the input does not exist.
+    components.preprocess.sources.common.InputError: the input does not exist.
   """
-  from components.preprocess import sources  # pylint: disable=g-import-not-at-top
+  from components.preprocess.sources import bigquery as bq_input  # pylint: disable=g-import-not-at-top
   if not input_uri or not input_uri.strip():
     raise ValueError("no input to fingerprint: pass data_uri")
-  if sources.is_bigquery_ref(input_uri):
+  if bq_input.is_bigquery_ref(input_uri):
     kind, entries = "bigquery", bigquery_entries(input_uri, bq_client)
   else:
     kind, entries = "files", file_entries(input_uri, gcs_client)

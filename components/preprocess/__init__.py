@@ -4,7 +4,7 @@
 ``recml preprocess`` (:mod:`.cli`) and the KFP component call it.
 """
 
-from components.preprocess.sources import ColumnMapping, InputError
+from components.preprocess.sources.common import ColumnMapping, InputError
 from components.preprocess.step import BadInputError, PreprocessResult, run
 
 __all__ = ["BadInputError", "ColumnMapping", "InputError", "PreprocessResult", "run"]
