@@ -27,7 +27,7 @@ from components.preprocess.sources.common import (
     INTEGER_ID_FORMATS, MAX_RAW_CHARS, MAX_SECONDS, OPTIONAL_COLUMNS, ORDER_FILE_SHIFT,
     TIMESTAMP_UNITS, USER_KEY, Chunk, ColumnMapping, InputError, SourceSpec, bad_row,
     detect_timestamp_unit, filesystems, id_reason, iter_jsonl, make_batch, parse_int,
-    raw_arrow_schema, read_text, reason_kind, timestamp_reason)
+    raw_arrow_schema, reason_kind, timestamp_reason)
 from components.preprocess.sources.parquet import read_parquet
 from components.preprocess.sources.reader import (
     SAMPLE_FILES, SAMPLE_ROWS, read_file, sample_timestamps)

@@ -256,12 +256,6 @@ def filesystems():
   return FileSystems
 
 
-def read_text(path: str) -> str:
-  """Whole small text file (local or gs://)."""
-  with filesystems().open(path) as f:
-    return io.TextIOWrapper(f, encoding="utf-8").read()
-
-
 def iter_jsonl(path: str) -> Iterable[dict[str, Any]]:
   """The records of a JSON-lines file (local or gs://), skipping blank lines."""
   with filesystems().open(path) as f:
