@@ -22,6 +22,12 @@ ties and rejections never become champions. The pipeline deploys only on "blesse
 (``dsl.If(validate == "blessed")``), so a re-run on unchanged data adds no registry
 version.
 
+A ranking (CTR) gate blesses on AUC and guards on log loss (``guard_metric``): a
+candidate that beats the champion's AUC but whose log loss is worse than the
+champion's by more than the same relative slack is rejected (a model can rank better
+while its probabilities are miscalibrated, and served scores are probabilities).
+Whether lower is better follows the metric's name (:data:`LOWER_IS_BETTER`).
+
 The decision is written to the store as the candidate's ``blessed`` row (value 1.0,
 0.5 or 0.0 for blessed, tie, rejected; details in ``labels["gate"]``): the next run's
 champion query sees it, and re-validating a run replaces it.
@@ -35,6 +41,11 @@ from typing import Any, Mapping
 from components import metrics_store
 
 BLESSED, TIE, REJECTED = "blessed", "tie", "rejected"
+LOWER_IS_BETTER = frozenset({"logloss", "ne", "loss"})
+
+
+def is_higher_better(metric: str) -> bool:
+  return metric not in LOWER_IS_BETTER
 
 
 def decide(candidate_value: float, champion_value: float | None, tolerance: float,
@@ -80,9 +91,9 @@ def _dataset_id(own: list[metrics_store.MetricRow], run_id: str, given: str | No
 
 def run(store_uri: str, run_id: str, dataset: str, model_family: str, metric: str = "ndcg",
         k: int | None = 10, split: str = "valid", tolerance: float = 0.0,
-        candidate_value: float | None = None, higher_is_better: bool = True,
+        candidate_value: float | None = None, higher_is_better: bool | None = None,
         store_options: Mapping[str, Any] | None = None,
-        dataset_id: str | None = None) -> dict[str, Any]:
+        dataset_id: str | None = None, guard_metric: str | None = None) -> dict[str, Any]:
   """Gates a candidate run against the champion on its data and records the decision.
 
   Args:
@@ -97,10 +108,12 @@ def run(store_uri: str, run_id: str, dataset: str, model_family: str, metric: st
     candidate_value: the candidate's value; default: read from the store (the
       write_metrics step must have run). A given value is written to the store with
       the decision (replacing the run's row of that metric, if any).
-    higher_is_better: False for metrics such as a loss.
+    higher_is_better: False for metrics such as a loss; default: from the name.
     store_options: keyword arguments for :func:`components.metrics_store.open_store`.
     dataset_id: the data's identity (``ds-...``); default: the one the candidate's
       metrics were written with. Champions are looked up by it.
+    guard_metric: a second metric without cut-off (``"logloss"``) that may veto a
+      blessing: worse than the champion's by more than the slack -> rejected.
 
   Returns:
     ``{"decision", "blessed", "champion_run_id", "champion_value", "candidate_value",
@@ -118,6 +131,8 @@ def run(store_uri: str, run_id: str, dataset: str, model_family: str, metric: st
     raise ValueError(f"give the metric without its cut-off and k apart "
                      f"(metric={metric.split('@')[0]!r}, k={metric.split('@')[1]}), got {metric!r}")
   name = metric if k is None else f"{metric}@{k}"
+  if higher_is_better is None:
+    higher_is_better = is_higher_better(metric)
   store = metrics_store.open_store(store_uri, **dict(store_options or {}))
   own = store.rows(run_id)
   given = candidate_value is not None
@@ -159,12 +174,20 @@ def run(store_uri: str, run_id: str, dataset: str, model_family: str, metric: st
       reason = (f"tie: not redeployed: {split} {name} {candidate_value:.6g} within "
                 f"[{min(threshold, reject_at):.6g}, {max(threshold, reject_at):.6g}] "
                 f"({champion_text})")
+  guard = None
+  if guard_metric and champ is not None and decision == BLESSED:
+    guard = _guard(store, own, champ.run_id, guard_metric, split, tolerance)
+    if guard["decision"] == REJECTED:
+      decision = REJECTED
+      reason = (f"{reason}, but {guard['reason']}")
   result = {"decision": decision, "blessed": decision == BLESSED,
             "champion_run_id": champ.run_id if champ else None,
             "champion_value": champion_value, "candidate_value": candidate_value,
             "threshold": threshold, "reject_threshold": reject_at,
             "metric": f"{split}/{name}", "dataset": dataset, "dataset_id": dataset_id,
             "reason": reason}
+  if guard is not None:
+    result["guard"] = guard
 
   # Record the decision (and a given candidate value, so that a blessed run can be found
   # as the champion later) in one write; the candidate's other rows give the context.
@@ -181,6 +204,27 @@ def run(store_uri: str, run_id: str, dataset: str, model_family: str, metric: st
                                         labels=context.labels if context else {}, **common))
   store.write(rows)
   return result
+
+
+def _guard(store, own, champion_run_id: str, metric: str, split: str,
+           tolerance: float) -> dict[str, Any]:
+  """The guard metric's own gate: the candidate's value against the champion run's."""
+  def value(rows, who):
+    found = [r.value for r in rows if (r.split, r.metric, r.k) == (split, metric, None)]
+    if not found:
+      raise ValueError(f"{who} has no {split} {metric} in {store.uri}: the guard metric "
+                       "must be written with the gate metric")
+    return float(found[0])
+  candidate = value(own, "the candidate")
+  champion = value(store.rows(champion_run_id), f"champion {champion_run_id}")
+  better = is_higher_better(metric)
+  decision, _, reject_at = decide(candidate, champion, tolerance, better)
+  worse = "<" if better else ">"
+  reason = (f"guard {split} {metric} {candidate:.6g} {worse} {reject_at:.6g} (champion "
+            f"{champion:.6g})" if decision == REJECTED else
+            f"guard {split} {metric} {candidate:.6g} holds (champion {champion:.6g})")
+  return {"metric": f"{split}/{metric}", "candidate_value": candidate,
+          "champion_value": champion, "decision": decision, "reason": reason}
 
 
 # ---------------------------------------------------------------------------
@@ -208,6 +252,7 @@ def validate(
     split: str = "valid",
     tolerance: float = 0.0,
     dataset_id: str = "",
+    guard_metric: str = "",
 ) -> str:
   """Compares this run with the champion on the same data: bless, tie or reject.
 
@@ -224,15 +269,18 @@ def validate(
     tolerance: relative tolerance (0.01: within 1% of the champion is a tie).
     dataset_id: the dataset identity (the preprocess step's output); empty: the one the
       run's metrics were written with.
+    guard_metric: e.g. ``logloss`` for ranking: may veto a blessing (module docstring).
 
   Returns:
     The decision: "blessed" (deploy), "tie" (not redeployed) or "rejected".
   """
   from components import validate as step  # pylint: disable=g-import-not-at-top
   result = step.run(store_uri, run_id or job_name, dataset, model_family, metric,
-                    k if k > 0 else None, split, tolerance, dataset_id=dataset_id or None)
+                    k if k > 0 else None, split, tolerance, dataset_id=dataset_id or None,
+                    guard_metric=guard_metric or None)
   decision = result["decision"]
-  lines = [f"# Gate: {decision}", "", f"{metric}@{k} on {split}, tolerance {tolerance}", ""]
+  shown = f"{metric}@{k}" if k > 0 else metric
+  lines = [f"# Gate: {decision}", "", f"{shown} on {split}, tolerance {tolerance}", ""]
   lines += [f"- **{key}**: {value}" for key, value in sorted(result.items())]
   with open(verdict.path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")

@@ -158,3 +158,44 @@ def test_decide(candidate, champion, tolerance, higher, expected):
   decision, bless_at, reject_at = validate.decide(candidate, champion, tolerance, higher)
   assert decision == expected[0]
   assert (bless_at, reject_at) == (pytest.approx(expected[1]), pytest.approx(expected[2]))
+
+
+def ranked(backend, run_id, auc, logloss, dataset_id="ds-frappe"):
+  """A ranking run's evaluation rows: AUC (higher is better), log loss (lower)."""
+  write_metrics.run(backend.uri, run_id, "recml", "dcnv2", "frappe_x1",
+                    {"valid": {"auc": auc, "logloss": logloss}},
+                    model_uri=f"runs/{run_id}/model", store_options=backend.options,
+                    dataset_id=dataset_id)
+
+
+def test_ranking_gate_blesses_on_auc_and_logloss_guards(backend):
+  kw = dict(dataset="frappe_x1", model_family="dcnv2", metric="auc", k=None,
+            tolerance=0.001, guard_metric="logloss")
+  ranked(backend, "c1", 0.9800, 0.1600)
+  assert gate(backend, "c1", **kw)["decision"] == "blessed"
+  # Better AUC and log loss within 0.1% of the champion's: blessed.
+  ranked(backend, "c2", 0.9840, 0.1601)
+  ok = gate(backend, "c2", **kw)
+  assert ok["decision"] == "blessed" and ok["guard"]["decision"] == "tie"
+  assert ok["guard"]["champion_value"] == 0.1600
+  # Better AUC but log loss 0.1700 > 0.1601 * 1.001: the guard vetoes the blessing.
+  ranked(backend, "c3", 0.9850, 0.1700)
+  vetoed = gate(backend, "c3", **kw)
+  assert vetoed["decision"] == "rejected" and vetoed["blessed"] is False
+  assert vetoed["guard"] == {"metric": "valid/logloss", "candidate_value": 0.17,
+                             "champion_value": 0.1601, "decision": "rejected",
+                             "reason": "guard valid logloss 0.17 > 0.16026 (champion 0.1601)"}
+  assert backend.open().champion("ds-frappe", "dcnv2", "auc", None).run_id == "c2"
+  # Lower is better is inferred from the name: a log-loss gate's champion is the blessed
+  # run with the lowest log loss (c1: 0.16), and a lower value beats it.
+  ranked(backend, "c4", 0.9700, 0.1500)
+  by_loss = gate(backend, "c4", dataset="frappe_x1", model_family="dcnv2",
+                 metric="logloss", k=None)
+  assert by_loss["decision"] == "blessed"
+  assert (by_loss["champion_run_id"], by_loss["champion_value"]) == ("c1", 0.16)
+  ranked(backend, "c5", 0.9700, 0.1400)
+  assert gate(backend, "c5", dataset="frappe_x1", model_family="dcnv2",
+              metric="logloss", k=None)["decision"] == "blessed"
+  ranked(backend, "c6", 0.9700, 0.1450)
+  assert gate(backend, "c6", dataset="frappe_x1", model_family="dcnv2",
+              metric="logloss", k=None)["decision"] == "rejected"
