@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 TEST   := PYTEST=$(VENV)/bin/pytest bash infra/test.sh
 
 .PHONY: help setup test test-unit test-integration test-container run compile build bench \
-        clean clean-runs
+        clean clean-runs docker-stop
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ compile: setup  ## compile the pipeline for Vertex AI to recml_pipeline.yaml
 
 build: setup  ## build every container image with the local Docker engine
 	bash infra/build_images.sh
+
+docker-stop:  ## stop the Docker engine that make test / make build started (and its containers)
+	bash infra/bootstrap_docker.sh stop
 
 bench: setup  ## run the benchmarks and rewrite their results tables
 	bash benchmarks/run_all.sh

@@ -1,8 +1,8 @@
 """Wall time per step of the local pipeline (the README's main job).
 
-Runs `recml run` (or reads the log of a run already made with `--from-log`), takes the
-start and end of every task from kfp.local's log lines, and writes a table to
-benchmarks/results/pipeline.md with the run's headline metrics.
+Runs `recml run` (or reads the output of a run already made with `--from-log`), takes
+every step's wall time and state from the run's record (`runs/<run id>/run.json`, its
+`steps`), and writes a table to benchmarks/results/pipeline.md with the run's summary.
 
     .venv/bin/python benchmarks/pipeline_bench.py --config ml1m_hstu --data ../shared/datasets/ml-1m-partial
     make run DATA=../shared/datasets/ml-1m-partial > run.log; .venv/bin/python benchmarks/pipeline_bench.py --from-log run.log
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import re
@@ -20,27 +21,19 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-START = re.compile(r"^(\d\d:\d\d:\d\d\.\d+) - INFO - Executing task '([^']+)'")
-END = re.compile(r"^(\d\d:\d\d:\d\d\.\d+) - INFO - Task '([^']+)' finished with status (\w+)")
+RUN_ID = re.compile(r"^run id: (\S+)")
+SUMMARY = re.compile(r"^(run \S+: |  test |  valid |gate: |deployed: |report: )")
 
 
-def _seconds(stamp: str) -> float:
-  h, m, s = stamp.split(":")
-  return int(h) * 3600 + int(m) * 60 + float(s)
-
-
-def step_times(lines) -> list[tuple[str, float, str]]:
-  """``(task, wall seconds, status)`` in order of completion."""
-  started, out = {}, []
-  for raw in lines:
-    line = ANSI.sub("", raw.strip())
-    if m := START.match(line):
-      started[m.group(2)] = _seconds(m.group(1))
-    elif m := END.match(line):
-      t0 = started.get(m.group(2))
-      if t0 is not None:
-        out.append((m.group(2), (_seconds(m.group(1)) - t0) % 86400, m.group(3)))
-  return out
+def step_times(lines, root: str = os.path.join(ROOT, "runs")) -> list[tuple[str, float, str]]:
+  """``(task, wall seconds, state)`` of the run whose output ``lines`` are, in run order."""
+  run_id = next((m.group(1) for m in map(RUN_ID.match, lines) if m), None)
+  if run_id is None:
+    raise ValueError("no 'run id:' line in the output")
+  with open(os.path.join(root, run_id, "run.json"), encoding="utf-8") as f:
+    steps = json.load(f).get("steps") or {}
+  return [(name, s["seconds"], s["state"]) for name, s in steps.items()
+          if isinstance(s.get("seconds"), (int, float))]
 
 
 def main() -> int:
@@ -66,9 +59,9 @@ def main() -> int:
       print("\n".join(lines[-40:]), file=sys.stderr)
       return proc.returncode
     command = " ".join(["recml", *cmd[3:]])
+  lines = [ANSI.sub("", l.rstrip()) for l in lines]
   steps = step_times(lines)
-  summary = [ANSI.sub("", l.rstrip()) for l in lines
-             if re.match(r"^(run id:|  \S+/\S+ +\d|  gate:|report:)", ANSI.sub("", l))]
+  summary = [l for l in lines if SUMMARY.match(l)]
   total = sum(s for _, s, _ in steps)
   table = [
       "# Local pipeline: wall time per step",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Re-runs every benchmark and rewrites its table in benchmarks/results/ (`make bench`).
-# Long: about 1.5 h on 2 CPU cores. Run it on an otherwise idle machine; timings of a busy
+# Long: about 2.5 h on 2 CPU cores. Run it on an otherwise idle machine; timings of a busy
 # machine are not comparable (each table records its machine and command).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,8 @@ work=${BENCH_WORKDIR:-workdirs/bench}
   --results benchmarks/results/train_speed.md --out "$work"
 "$py" benchmarks/train_bench.py --datasets ml-1m-partial ml-100k --epochs 60 --large-epochs 20 \
   --set eval_every=5 --set patience=4 --out "$work"
+# Ranking step speed against TorchRec (installs it into ~/.cache/recml/bench-venvs/torchrec).
+"$py" benchmarks/ranking_speed.py
 
 # Serving: bundles of ml-1m-partial models trained briefly (latency does not depend on quality).
 for model in sasrec hstu; do

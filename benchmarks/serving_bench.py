@@ -152,13 +152,14 @@ def cmd_ceiling(args) -> None:
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
                              "=false intra_op_parallelism_threads=1").strip()
   sys.path.insert(0, REPO)
-  from pipelines import serve  # pylint: disable=g-import-not-at-top
+  from serving import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
+  from serving import protocol  # pylint: disable=g-import-not-at-top
   from trainers import export  # pylint: disable=g-import-not-at-top
   bundle = export.load_bundle(args.bundle)
-  predictor = export.Predictor(bundle, (1, 2, 4, 8, 16, 32))
+  predictor = predictor_lib.Predictor(bundle, (1, 2, 4, 8, 16, 32))
   predictor.warmup()
   with open(args.bodies, encoding="utf-8") as f:
-    rows = [serve.parse_body(line.encode(), bundle, serve.Limits())[0]
+    rows = [protocol.parse_body(line.encode(), bundle, protocol.Limits())[0]
             for line in f.read().splitlines()[:args.rows]]
   result = {}
   for size in (1, 32):
@@ -166,7 +167,7 @@ def cmd_ceiling(args) -> None:
     for _ in range(args.repeats):
       started = time.perf_counter()
       for i in range(0, len(rows), size):
-        serve.run_rows(predictor, rows[i:i + size])
+        predictor_lib.run_rows(predictor, rows[i:i + size])
       times.append(time.perf_counter() - started)
     result[f"rows_per_s_batch{size}"] = len(rows) / sorted(times)[len(times) // 2]
   print(json.dumps(result))

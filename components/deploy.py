@@ -1,7 +1,7 @@
 """Deploy step: a serving bundle becomes the served model.
 
 * local targets: the bundle is copied into a local registry folder and made its current
-  model (:func:`trainers.export.publish`); ``recml serve`` without ``--bundle`` serves it.
+  model (:func:`serving.registry.publish`); ``recml serve`` without ``--bundle`` serves it.
   The registry defaults to ``registry/`` beside the run folders of the local pipeline
   root (the folder above the run's ``run.json``), or ``$RECML_REGISTRY``.
 * Vertex AI: the bundle is uploaded to the Model Registry with the ``recml-serving``
@@ -72,10 +72,10 @@ def run_local(bundle_dir: str, registry: str = "", run_id: str = "",
 
   ``dataset_id`` (the data the model was trained on) goes into the record's labels.
   """
-  from trainers import export  # pylint: disable=g-import-not-at-top
+  from serving import registry as registry_lib  # pylint: disable=g-import-not-at-top
   labels = {"dataset_id": dataset_id} if dataset_id else None
-  return export.publish(bundle_dir, registry or registry_for(bundle_dir), run_id=run_id,
-                        labels=labels)
+  return registry_lib.publish(bundle_dir, registry or registry_for(bundle_dir),
+                              run_id=run_id, labels=labels)
 
 
 # ---------------------------------------------------------------------------

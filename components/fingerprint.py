@@ -124,7 +124,12 @@ def gcs_entries(paths: Sequence[str], client=None) -> list[dict[str, Any]]:
 def file_entries(input_uri: str, gcs_client=None) -> list[dict[str, Any]]:
   """Entries of the files the preprocess step reads for ``input_uri``."""
   from components.preprocess.sources import resolve  # pylint: disable=g-import-not-at-top
-  paths = [path for path, _ in resolve.resolve_input(input_uri)]
+  try:
+    paths = [path for path, _ in resolve.resolve_input(input_uri)]
+  except resolve.InputError:
+    # Not a file, glob or MovieLens folder: a folder of CTR files (ranking input).
+    from components.preprocess import ctr_spec  # pylint: disable=g-import-not-at-top
+    paths = [path for path, _ in ctr_spec.resolve_files(input_uri)]
   gcs = [p for p in paths if p.startswith("gs://")]
   other = [p for p in paths if "://" in p and not p.startswith("gs://")]
   if other:
@@ -226,6 +231,21 @@ def dataset_identity(fingerprint: str, *, max_len: int, min_item_count: int,
           "min_events_per_user": features.MIN_EVENTS_PER_USER,
           "max_len": int(max_len), "min_item_count": int(min_item_count),
           "timestamp_unit": timestamp_unit or "auto", "format": data_format or "auto"}
+  return _identity(spec)
+
+
+def ranking_dataset_identity(fingerprint: str, params: Mapping[str, Any]) -> str:
+  """``ds-<12 hex>`` of a ranking dataset: the fingerprint and what makes its examples.
+
+  ``params`` are the format, column spec, encodings and split of the run
+  (:func:`components.preprocess.ctr_step.identity_params`).
+  """
+  if not fingerprint:
+    raise ValueError("dataset_identity needs the input's fingerprint (the fingerprint step)")
+  return _identity({"fingerprint": fingerprint, **params})
+
+
+def _identity(spec: Mapping[str, Any]) -> str:
   text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
   return "ds-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -2,6 +2,9 @@
 
 The registry prefix and tag come from the environment (``infra/env.sh`` sets them for a
 deployment); locally built images carry the bare names, e.g. ``recml-trainer:0.1.0``.
+Every image is built from one Dockerfile, ``DOCKERFILE``, with the build arg
+``IMAGE=<name>`` (``infra/build_images.sh``); what each installs is the ``IMAGES`` table
+of ``containers/install_deps.py``.
 """
 
 from __future__ import annotations
@@ -10,6 +13,10 @@ import os
 
 IMAGES = ("preprocess", "trainer", "tools", "serving")
 DEFAULT_TAG = "0.1.0"
+DOCKERFILE = "containers/Dockerfile"
+# Carried by every image and build stage the Dockerfile makes: the build prunes the
+# untagged ones (`docker image prune --filter label=...`).
+BUILD_LABEL = "ai.recml.build=1"
 
 
 def image(name: str, registry: str | None = None, tag: str | None = None) -> str:

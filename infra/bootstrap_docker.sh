@@ -3,8 +3,10 @@
 # is skipped when its result is already there, so a rerun takes a second.
 #
 #   1. installs docker.io and debootstrap (apt) when dockerd / debootstrap are missing;
-#   2. starts dockerd in the background (log: $RECML_CACHE_DIR/dockerd.log) unless
-#      `docker info` already answers, and waits until it does;
+#   2. starts dockerd in the background (log: $RECML_CACHE_DIR/dockerd.log, pid file
+#      $RECML_CACHE_DIR/dockerd.pid) unless `docker info` already answers, and waits until
+#      it does. The engine keeps running after this script (and the tests) end;
+#      `infra/bootstrap_docker.sh stop` (`make docker-stop`) stops it;
 #   3. builds the base image the Dockerfiles start from ($RECML_BASE_IMAGE,
 #      recml-base:bookworm): a minimal Debian bookworm rootfs made with debootstrap
 #      (python3 3.11, python3-venv, ca-certificates, this machine's CA bundle), imported
@@ -14,6 +16,9 @@
 # Cloud Build the Dockerfiles take BASE_IMAGE=python:3.11-slim-bookworm instead.
 #
 # Usage: infra/bootstrap_docker.sh [--engine-only]
+#        infra/bootstrap_docker.sh stop    stops the dockerd this script started (its pid
+#                                          file), with its containers; any other engine is
+#                                          left alone
 # Environment: RECML_CACHE_DIR (~/.cache/recml), RECML_BASE_IMAGE (recml-base:bookworm),
 #   RECML_DOCKER_STORAGE_DRIVER (overlay2, falls back to vfs), DEBIAN_MIRROR, RECML_CA_BUNDLE.
 set -euo pipefail
@@ -36,13 +41,38 @@ fi
 as_root() { "${sudo_[@]}" "$@"; }
 
 engine_only=false
+stop=false
 case "${1:-}" in
   --engine-only) engine_only=true ;;
+  stop) stop=true ;;
   "") ;;
-  *) die "unknown argument $1 (usage: $0 [--engine-only])" ;;
+  *) die "unknown argument $1 (usage: $0 [--engine-only | stop])" ;;
 esac
 
 mkdir -p "$cache"
+pidfile=$cache/dockerd.pid
+
+running() {  # $1: pid -> whether it is a live (not zombie) dockerd
+  [ -n "$1" ] && [ "$(ps -o comm= -p "$1" 2>/dev/null)" = dockerd ] \
+    && [[ "$(ps -o stat= -p "$1")" != Z* ]]
+}
+
+if $stop; then
+  pid=$(cat "$pidfile" 2>/dev/null || true)
+  if ! running "$pid"; then
+    as_root rm -f "$pidfile"
+    others=$(pgrep -x dockerd | tr '\n' ' ' || true)
+    log "no engine started by this script is running${others:+ (dockerd pid ${others% } was started otherwise: left alone)}"
+    exit 0
+  fi
+  log "stopping dockerd (pid $pid) and its containers"
+  as_root kill -TERM "$pid"
+  for _ in $(seq 60); do  # dockerd stops its containers first (10 s each at most)
+    running "$pid" || { as_root rm -f "$pidfile"; log "dockerd stopped"; exit 0; }
+    sleep 1
+  done
+  die "dockerd (pid $pid) still runs 60 s after SIGTERM; see $cache/dockerd.log"
+fi
 # One bootstrap at a time on this machine (several test runs may start together).
 exec 9>"$cache/bootstrap.lock"
 flock 9
@@ -62,7 +92,8 @@ fi
 start_dockerd() {  # $1: storage driver; returns non-zero when it does not answer in 60 s
   log "starting dockerd (storage driver $1, log $cache/dockerd.log)"
   # Own session, lock fd closed: the engine outlives this script and does not hold the lock.
-  "${sudo_[@]}" setsid dockerd --storage-driver="$1" >>"$cache/dockerd.log" 2>&1 </dev/null 9>&- &
+  "${sudo_[@]}" setsid dockerd --storage-driver="$1" --pidfile="$pidfile" \
+    >>"$cache/dockerd.log" 2>&1 </dev/null 9>&- &
   local pid=$!
   for _ in $(seq 60); do
     if docker info >/dev/null 2>&1; then return 0; fi

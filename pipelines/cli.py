@@ -16,7 +16,8 @@ COMMAND_MODULES = (
     "pipelines.commands",          # run, compile, schedule, runs
     "components.preprocess.cli",   # preprocess
     "trainers.main",               # train
-    "pipelines.serve",             # export, serve, deploy
+    "serving.cli",                 # serve, export
+    "pipelines.deploy_cli",        # deploy
 )
 
 

@@ -74,6 +74,9 @@ def register(subparsers) -> None:
                  help="print the request (IR path, parameters, worker pools, labels) as JSON")
   p.add_argument("--output", help="where to write the compiled IR for kfp/vertex "
                  "(default: <pipeline root or .>/<run id>.yaml)")
+  p.add_argument("-v", "--verbose", action="store_true",
+                 help="local targets: also stream what every step prints (by default one "
+                 "line per step; the full logs are in <pipeline root>/<run id>/logs/)")
   _env_flags(p)
   p.set_defaults(func=cmd_run, config=None)  # None: --config not given (--resume checks)
 
@@ -121,6 +124,9 @@ def register(subparsers) -> None:
   c.add_argument("run", help="run id (or a unique prefix)")
   c.add_argument("--pipeline-root")
   c.add_argument("--store-uri")
+  c.add_argument("--config", action="store_true",
+                 help="also print the run's full config, and nested metadata (every "
+                 "hyper-parameter, the data source) in full")
   c.add_argument("--json", action="store_true")
   c.set_defaults(func=cmd_runs_show)
 
@@ -244,14 +250,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_json({"kind": f"kfp.local ({args.target})", "run_id": run_id,
                      "pipeline_root": os.path.join(root, run_id), "parameters": params})
         return 0
-      print(f"run id: {run_id}", flush=True)
+      print(f"run id: {run_id}  (logs: {os.path.join(root, run_id, 'logs')}{os.sep})",
+            flush=True)
       pipeline = build(args, env, config)
-      local_lib.run_local(
+      return _run_local(
           pipeline, params, run_id=run_id, root=root, target=args.target,
           manifest={"config": config["name"], "config_values": config, "data": data,
                     "store_uri": store_uri},
-          mounts=_mounts(data, store_uri))
-      return _print_summary(os.path.join(root, run_id))
+          mounts=_mounts(data, store_uri), verbose=args.verbose)
 
     data = remote_data(args.data, config)
     store_uri = default_store(env, args.target)
@@ -338,27 +344,53 @@ def _resume(args: argparse.Namespace) -> int:
   # Resuming reuses this run's own completed steps; the DAG's never-cached steps re-run.
   config = {**record["config_values"], "caching": True}
   args = argparse.Namespace(**{**vars(args), "target": target, "no_cache": False})
-  local_lib.run_local(
+  return _run_local(
       build(args, env, config), record["parameters"], run_id=run_id, root=root,
-      target=target, mounts=_mounts(record["data"], record["store_uri"]), resume=True)
+      target=target, mounts=_mounts(record["data"], record["store_uri"]), resume=True,
+      verbose=args.verbose)
+
+
+def _run_local(pipeline, params, *, run_id: str, root: str, **kw) -> int:
+  """Runs a local pipeline, then writes its report and prints its summary (failed or not)."""
+  import traceback  # pylint: disable=g-import-not-at-top
+  from pipelines import local as local_lib  # pylint: disable=g-import-not-at-top
+  from pipelines import run_output  # pylint: disable=g-import-not-at-top
+  run_dir = os.path.join(root, run_id)
+  try:
+    local_lib.run_local(pipeline, params, run_id=run_id, root=root, **kw)
+  except Exception:  # pylint: disable=broad-except
+    try:
+      failed = local_lib.read_manifest(run_dir).get("status") == "FAILED"
+    except (OSError, ValueError):
+      failed = False
+    if not failed:  # the run never started: not ours to summarise
+      raise
+    # Recorded in run.json (status, error, the failed step), shown by the console; the
+    # traceback goes to the run's log.
+    with open(os.path.join(run_dir, run_output.LOG_DIR, run_output.RUN_LOG), "a",
+              encoding="utf-8") as f:
+      traceback.print_exc(file=f)
   return _print_summary(run_dir)
 
 
 def _print_summary(run_dir: str) -> int:
+  """Writes the run report (:mod:`pipelines.report`) and prints the run's summary."""
+  import traceback  # pylint: disable=g-import-not-at-top
   from pipelines import local as local_lib  # pylint: disable=g-import-not-at-top
-  info = local_lib.lineage(run_dir)
-  head = local_lib.headline(info)
-  print(f"run id: {info['run']['run_id']}  status: {info['run']['status']}")
-  for key in sorted(k for k in head if "/" in k):
-    print(f"  {key:<14} {head[key]:.4f}")
-  if head.get("decision"):
-    print(f"  gate: {head['decision']} ({head.get('gate', '')})")
-  if head.get("report") and os.path.exists(head["report"]):
-    import shutil  # pylint: disable=g-import-not-at-top
-    report = os.path.join(run_dir, "report.html")  # the same file, with an extension
-    shutil.copyfile(head["report"], report)
-    print(f"report: {report}")
-  return 0 if info["run"]["status"] == "SUCCEEDED" else 1
+  from pipelines import report as report_lib  # pylint: disable=g-import-not-at-top
+  from pipelines import run_output  # pylint: disable=g-import-not-at-top
+  report, problem = None, None
+  try:
+    report = report_lib.write_run_report(run_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    problem = f"{type(e).__name__}: {e}"
+    with open(os.path.join(run_dir, run_output.LOG_DIR, run_output.RUN_LOG), "a",
+              encoding="utf-8") as f:
+      traceback.print_exc(file=f)
+  for line in run_output.summary_lines(run_dir, report=report, report_error=problem):
+    print(line)
+  status = local_lib.read_manifest(run_dir).get("status")
+  return 0 if status == "SUCCEEDED" else 1
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -494,6 +526,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
 def cmd_runs_show(args: argparse.Namespace) -> int:
   from components import metrics_store  # pylint: disable=g-import-not-at-top
   from pipelines import local as local_lib  # pylint: disable=g-import-not-at-top
+  from pipelines import run_output  # pylint: disable=g-import-not-at-top
   env = load_env(args)
   root = local_root(env)
   matches = [r["run_id"] for r in local_lib.list_runs(root) if r["run_id"].startswith(args.run)]
@@ -516,17 +549,22 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
   print(f"run {run['run_id']}  {local_lib.status_text(run)}  {run.get('started')} -> "
         f"{run.get('finished', '')}")
   print(f"  config {run.get('config')}  data {run.get('data')}  target {run.get('target')}")
+  if args.config:
+    import yaml  # pylint: disable=g-import-not-at-top
+    print("\nconfig:")
+    text = yaml.safe_dump(run.get("config_values") or {}, sort_keys=False)
+    print("\n".join(f"  {line}" for line in text.splitlines()))
+  timings = run.get("steps") or {}
   for step in info["steps"]:
     cond = f"  [if {step['condition']}]" if step["condition"] else ""
-    print(f"\n{step['step']}: {step['status']}{cond}")
+    timing = timings.get(step["step"], {})
+    took = f"  {timing['seconds']:.1f}s" if isinstance(timing.get("seconds"), (int, float)) else ""
+    print(f"\n{step['step']}: {timing.get('state') or step['status']}{took}{cond}")
     for key, src in step["inputs"].items():
       print(f"  in  {key:<16} <- {src['from']}  {src['uri']}")
     for key, art in step["outputs"].items():
       print(f"  out {key:<16} {art['uri']}")
-      for mk, mv in sorted(art["metadata"].items()):
-        if isinstance(mv, (dict, list)):
-          mv = json.dumps(mv, sort_keys=True)
-          mv = mv if len(mv) <= 100 else mv[:97] + "..."
+      for mk, mv in _flat_metadata(art["metadata"], full=args.config):
         print(f"        {mk} = {mv}")
     for key, value in step["values"].items():
       text = value if isinstance(value, str) else json.dumps(value)
@@ -535,8 +573,26 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     print(f"\nmetrics store {store_uri}:")
     for r in rows:
       name = r["metric"] if r["k"] is None else f"{r['metric']}@{r['k']}"
-      print(f"  {r['split']:<10} {name:<10} {r['value']:.4f}")
-  head = local_lib.headline(info)
-  if head.get("report"):
-    print(f"\nreport: {head['report']}")
+      print(f"  {r['split']:<10} {name:<10} {run_output.number(r['value'])}")
+  report = local_lib.report_path(run_dir)
+  if report:
+    print(f"\nreport: {report}")
+  print(f"logs: {os.path.join(run_dir, run_output.LOG_DIR)}{os.sep}")
   return 0
+
+
+def _flat_metadata(metadata, full: bool) -> list[tuple[str, str]]:
+  """Artifact metadata as ``(key, text)``: numbers to 4 significant digits; nested
+  mappings (hyper-parameters, source) one entry per key with ``full``, else counted."""
+  from pipelines import run_output  # pylint: disable=g-import-not-at-top
+  out = []
+  for key, value in sorted(metadata.items()):
+    if isinstance(value, dict) and full:
+      out += [(f"{key}.{k}", t) for k, t in _flat_metadata(value, full)]
+    elif isinstance(value, dict):
+      out.append((key, f"({len(value)} entries; --config prints them)"))
+    elif isinstance(value, list):
+      out.append((key, json.dumps(value)))
+    else:
+      out.append((key, run_output.number(value)))
+  return out

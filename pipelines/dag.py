@@ -222,7 +222,8 @@ def build_pipeline(target: str = "local", *, env: Env | None = None,
         model=train.outputs["model"], run_id=run_id,
         job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, pipeline=name, model_name=model,
         dataset=dataset_name, labels=labels, dataset_id=dataset_id)
-    written.set_display_name("write_metrics").set_caching_options(False)
+    # The task's own name: kfp.local warns about a display name that differs from it.
+    written.set_display_name("write-metrics").set_caching_options(False)
 
     # -- validate: gate against the champion on the same dataset identity -------------
     # "blessed" only when the candidate beats it (or has none); a tie is not redeployed.

@@ -7,6 +7,8 @@ Layout of a local pipeline root (``runs/`` by default)::
       <run id>/
         run.json                          what ran: config, parameters, target, status, times
         pipeline.yaml                     the compiled IR (used to rebuild the lineage)
+        report.html                       the run report (pipelines/report.py)
+        logs/run.log, logs/<task>.log     what kfp.local and each step printed (run_output.py)
         recml-pipeline-<timestamp>/       kfp.local's run folder
           <task>/executor_output.json     the step's output artifacts (URI, metadata) and values
           <task>/recml_step.json          its fingerprint and state (pipelines/resume.py)
@@ -40,7 +42,11 @@ import yaml
 
 RUN_FILE = "run.json"
 IR_FILE = "pipeline.yaml"
+REPORT_FILE = "report.html"  # the run report (pipelines/report.py)
+LOG_DIR = "logs"  # what kfp.local and each step printed (pipelines/run_output.py)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The metrics a run's summary shows (valid/ and test/ of the evaluate step).
+HEADLINE_METRICS = ("hr@10", "ndcg@10", "mrr")
 
 
 def _now() -> str:
@@ -172,16 +178,22 @@ def _runner(target: str, mounts: list[str]):
     binds = [types.Mount(target=p, source=p, type="bind") for p in sorted(set(mounts))]
     # Steps run as the invoking user (as `docker run --user $(id -u):$(id -g)` would), so
     # what they write into the bind-mounted folders is the user's; HOME is a scratch dir.
+    from pipelines import run_output  # pylint: disable=g-import-not-at-top
     return local.DockerRunner(network_mode="host", mounts=binds,
                               user=f"{os.getuid()}:{os.getgid()}",
-                              environment={"HOME": "/tmp"})
+                              environment={"HOME": "/tmp",
+                                           **run_output.step_environment(target)})
   raise ValueError(f"{target!r} is not a local target")
 
 
 def run_local(pipeline_func, parameters: Mapping[str, Any], *, run_id: str, root: str,
               target: str = "local", manifest: Mapping[str, Any] | None = None,
-              mounts: list[str] | None = None, resume: bool = False) -> dict[str, Any]:
+              mounts: list[str] | None = None, resume: bool = False,
+              verbose: bool = False) -> dict[str, Any]:
   """Runs the pipeline through ``kfp.local`` under ``root/run_id``.
+
+  The terminal gets one line per step; what the steps print goes to
+  ``root/run_id/logs/`` (:mod:`pipelines.run_output`).
 
   Args:
     pipeline_func: from :func:`pipelines.dag.build_pipeline`.
@@ -193,6 +205,7 @@ def run_local(pipeline_func, parameters: Mapping[str, Any], *, run_id: str, root
     mounts: ``local-docker`` only: host folders the steps read or write (data, store).
     resume: run a new attempt of the existing run ``run_id``, reusing the steps its
       earlier attempts completed (:mod:`pipelines.resume`).
+    verbose: also stream everything kfp.local and the steps print to the terminal.
 
   Returns:
     The final ``run.json`` content (status, pipeline folder, times).
@@ -202,6 +215,7 @@ def run_local(pipeline_func, parameters: Mapping[str, Any], *, run_id: str, root
   """
   from kfp import compiler, local  # pylint: disable=g-import-not-at-top
   from pipelines import resume as resume_lib  # pylint: disable=g-import-not-at-top
+  from pipelines import run_output  # pylint: disable=g-import-not-at-top
   run_dir = os.path.abspath(os.path.join(root, run_id))
   if resume:
     record = read_manifest(run_dir)
@@ -230,15 +244,22 @@ def run_local(pipeline_func, parameters: Mapping[str, Any], *, run_id: str, root
   local.init(runner=_runner(target, [os.path.dirname(run_dir), *(mounts or [])]),
              pipeline_root=run_dir,
              raise_on_error=True)
+  console = run_output.Console(run_dir, record, lambda: write_manifest(run_dir, record),
+                               verbose=verbose, resume=resume)
+  # The local steps inherit this process's environment; local-docker's get it from _runner.
+  env = run_output.step_environment(target) if target == "local" else {}
   try:
-    with resume_lib.step_hook(run_dir, cacheable_components(run_dir), resume=resume):
+    with run_output.patched_environ(env), run_output.quiet_warnings(), console.capture(), \
+        resume_lib.step_hook(run_dir, cacheable_components(run_dir), resume=resume,
+                             report=console.how, watch=console.watch):
       pipeline_func(**parameters)
     record["status"] = "SUCCEEDED"
   except BaseException as e:  # recorded, then re-raised
     record["status"] = "FAILED"
-    record["error"] = f"{type(e).__name__}: {e}"
+    record["error"] = run_output.plain(f"{type(e).__name__}: {e}")
     raise
   finally:
+    console.finish(record["status"])
     record["finished"] = _now()
     folder = pipeline_folder(run_dir)
     record["pipeline_dir"] = folder
@@ -272,7 +293,8 @@ def cacheable_components(run_dir: str) -> dict[str, bool]:
 
 def pipeline_folder(run_dir: str) -> str | None:
   """kfp.local's run folder inside a run directory (None before it exists)."""
-  found = sorted(p for p in glob.glob(os.path.join(run_dir, "*")) if os.path.isdir(p))
+  found = sorted(p for p in glob.glob(os.path.join(run_dir, "*"))
+                 if os.path.isdir(p) and os.path.basename(p) != LOG_DIR)
   return found[-1] if found else None
 
 
@@ -343,12 +365,9 @@ def lineage(run_dir: str) -> dict[str, Any]:
 
 
 def report_path(run_dir: str) -> str | None:
-  """The evaluate step's HTML report of a local run."""
-  info = lineage(run_dir)
-  for step in info["steps"]:
-    if step["step"] == "evaluate" and "report" in step["outputs"]:
-      return _local_path(step["outputs"]["report"]["uri"])
-  return None
+  """The run report of a local run (``<run_dir>/report.html``); None before it is written."""
+  path = os.path.join(os.path.abspath(run_dir), REPORT_FILE)
+  return path if os.path.isfile(path) else None
 
 
 def _local_path(uri: str) -> str:
@@ -362,7 +381,7 @@ def headline(info: Mapping[str, Any]) -> dict[str, Any]:
     if step["step"] == "evaluate" and "metrics" in step["outputs"]:
       meta = step["outputs"]["metrics"]["metadata"]
       out.update({k: v for k, v in meta.items()
-                  if k.split("/")[-1] in ("hr@10", "ndcg@10", "mrr")
+                  if k.split("/")[-1] in HEADLINE_METRICS
                   and k.split("/")[0] in ("valid", "test")})
       if "report" in step["outputs"]:
         out["report"] = _local_path(step["outputs"]["report"]["uri"])

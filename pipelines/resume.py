@@ -39,6 +39,7 @@ import shutil
 from typing import Any, Callable, Iterator, Mapping
 
 from components import fingerprint as data_fingerprint
+from pipelines import local as local_lib
 
 STEP_FILE = "recml_step.json"
 EXECUTOR_OUTPUT = "executor_output.json"
@@ -128,7 +129,7 @@ def _write_step(task_root: str, record: Mapping[str, Any]) -> None:
 
 def attempts(run_dir: str) -> list[str]:
   """The run's attempt folders (kfp.local's pipeline folders), newest first."""
-  found = [os.path.join(run_dir, n) for n in os.listdir(run_dir)]
+  found = [os.path.join(run_dir, n) for n in os.listdir(run_dir) if n != local_lib.LOG_DIR]
   return sorted((p for p in found if os.path.isdir(p)), reverse=True)
 
 
@@ -193,8 +194,13 @@ def _short(path: str, run_dir: str) -> str:
 
 
 def dispatch(original: Callable[..., Any], run_dir: str, cacheable: Mapping[str, bool],
-             resume: bool, report: Callable[[str], None], **kw) -> tuple[dict[str, Any], Any]:
-  """Runs (or reuses) one task; the arguments are ``run_single_task_implementation``'s."""
+             resume: bool, report: Callable[[str, str], None],
+             **kw) -> tuple[dict[str, Any], Any]:
+  """Runs (or reuses) one task; the arguments are ``run_single_task_implementation``'s.
+
+  ``report(task, how)`` is told how the task was done: ``ran``, ``ran (never cached)``,
+  ``reused (<task folder>)``, ... or ``failed``.
+  """
   # pylint: disable=g-import-not-at-top
   from kfp.local import executor_input_utils, status
   # pylint: enable=g-import-not-at-top
@@ -216,7 +222,7 @@ def dispatch(original: Callable[..., Any], run_dir: str, cacheable: Mapping[str,
       outputs = _reuse(origin, record.get("files", []), task_root, fp, kw["component_spec"],
                        kw["arguments"])
       if outputs is not None:
-        report(f"{task}: reused ({_short(origin, run_dir)})")
+        report(task, f"reused ({_short(origin, run_dir)})")
         return outputs, status.Status.SUCCESS
       how = f"ran (the outputs of {_short(origin, run_dir)} are gone)"
     previous = unfinished(run_dir, task, fp, exclude=attempt)
@@ -233,35 +239,50 @@ def dispatch(original: Callable[..., Any], run_dir: str, cacheable: Mapping[str,
   done = task_status == status.Status.SUCCESS
   _write_step(task_root, {"state": "done" if done else "failed", "fingerprint": fp,
                           "files": _files(outputs) if done else []})
-  report(f"{task}: {how}" if done else f"{task}: failed")
+  report(task, how if done else "failed")
   return outputs, task_status
 
 
-def _print(line: str) -> None:
-  print(f"step {line}", flush=True)
+def _print(task: str, how: str) -> None:
+  print(f"step {task}: {how}", flush=True)
+
+
+def _no_watch(task: str):  # pylint: disable=unused-argument
+  return contextlib.nullcontext(lambda outputs, ok: None)
 
 
 @contextlib.contextmanager
 def step_hook(run_dir: str, cacheable: Mapping[str, bool], resume: bool = False,
-              report: Callable[[str], None] | None = None) -> Iterator[None]:
+              report: Callable[[str, str], None] | None = None,
+              watch: Callable[[str], Any] | None = None) -> Iterator[None]:
   """Routes kfp.local's task executions through :func:`dispatch` inside the block.
 
   Args:
     run_dir: the run directory (kfp.local's pipeline root).
     cacheable: component name (``comp-train``) -> whether the DAG lets it be cached.
     resume: reuse completed steps of earlier attempts; otherwise only record.
-    report: called with one line per step (``"train: ran"``); default: printed
-      when resuming.
+    report: called as ``report(task, how)`` once per step (``("train", "ran")``);
+      default: printed (``step train: ran``) when resuming.
+    watch: ``watch(task)`` is a context manager around each step (reused or run),
+      entered before it starts; it yields ``done(outputs, ok)``, called with the
+      step's outputs when it ends without raising (:mod:`pipelines.run_output`).
   """
-  from kfp.local import task_dispatcher  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from kfp.local import executor_input_utils, status, task_dispatcher
+  # pylint: enable=g-import-not-at-top
   original = task_dispatcher.run_single_task_implementation
   signature = inspect.signature(original)
-  report = report or (_print if resume else lambda line: None)
+  report = report or (_print if resume else lambda task, how: None)
+  watch = watch or _no_watch
 
   @functools.wraps(original)
   def hooked(*args, **kwargs):
     kw = signature.bind(*args, **kwargs).arguments
-    return dispatch(original, run_dir, cacheable, resume, report, **kw)
+    task = executor_input_utils.get_local_task_resource_name(kw["component_name"])
+    with watch(task) as done:
+      outputs, task_status = dispatch(original, run_dir, cacheable, resume, report, **kw)
+      done(outputs, task_status == status.Status.SUCCESS)
+    return outputs, task_status
 
   task_dispatcher.run_single_task_implementation = hooked
   try:

@@ -22,6 +22,10 @@ from typing import Any, Iterable
 from trainers import models
 
 LOSSES = ("sampled_softmax", "softmax")
+OPTIMIZERS = ("adamw", "adagrad")
+# Selection metrics of the ranking (CTR) task; the retrieval task selects on hr/ndcg@K, mrr.
+RANKING_SELECTION = ("auc", "logloss", "ne", "accuracy")
+LOWER_IS_BETTER = frozenset({"logloss", "ne"})
 NEGATIVE_SHARING = ("position", "group", "sequence", "batch")
 # Items excluded from evaluation rankings: the user's whole history before the target
 # ("all"), only the last max_len items the model reads ("window", the HSTU code), none.
@@ -45,7 +49,9 @@ class TrainConfig:
   model: str = "sasrec"
   model_config: Any = None            # the model's frozen config (see trainers.models)
   data_dir: str = ""
-  # optimisation (AdamW as in the HSTU paper's code)
+  # optimisation: AdamW as in the HSTU paper's code (Adam when weight_decay is 0), or
+  # Adagrad (MLPerf DLRM-DCNv2; accumulators start at 0, as in torch.optim.Adagrad)
+  optimizer: str = "adamw"
   epochs: int = 100
   batch_size: int = 128
   learning_rate: float = 1e-3
@@ -53,6 +59,10 @@ class TrainConfig:
   beta2: float = 0.98
   weight_decay: float = 0.0
   grad_clip_norm: float = 0.0         # 0 disables clipping
+  # After each evaluation without improvement, learning rate *= this (1 = constant), not
+  # below min_learning_rate (FuxiCTR's reduce_lr_on_plateau: 0.1, 1e-6).
+  lr_decay_on_plateau: float = 1.0
+  min_learning_rate: float = 1e-6
   # loss
   loss: str = "sampled_softmax"
   num_negatives: int = 128
@@ -72,7 +82,8 @@ class TrainConfig:
   eval_batch_size: int = 256
   top_ks: tuple[int, ...] = (10, 50, 200)
   exclude_history: str = "all"       # see HISTORY_EXCLUSION
-  selection_metric: str = "ndcg@10"   # on the validation split
+  # On the validation split; "" = the task's default (ndcg@10 for retrieval, auc for ranking).
+  selection_metric: str = ""
   patience: int = 10                  # evaluations without improvement before stopping; 0 = never
   # input
   shuffle_buffer: int = 100_000
@@ -101,15 +112,35 @@ class TrainConfig:
          f"loss_normalization must be 'positions' or 'fixed', got {self.loss_normalization!r}"),
         (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
         (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
+        (0.0 < self.lr_decay_on_plateau <= 1.0,
+         f"lr_decay_on_plateau must lie in (0, 1], got {self.lr_decay_on_plateau}"),
+        (self.optimizer in OPTIMIZERS,
+         f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
     ]
     object.__setattr__(self, "exclude_history", history_exclusion(self.exclude_history))
     for ok, message in checks:
       if not ok:
         raise ValueError(message)
+    if self.task == "ranking":
+      object.__setattr__(self, "selection_metric", self.selection_metric or "auc")
+      if self.selection_metric not in RANKING_SELECTION:
+        raise ValueError(f"selection_metric {self.selection_metric!r} is not a ranking "
+                         f"metric; choose one of {RANKING_SELECTION}")
+      return
+    object.__setattr__(self, "selection_metric", self.selection_metric or "ndcg@10")
     name, _, k = self.selection_metric.partition("@")
     if name not in ("hr", "ndcg", "mrr") or (k and int(k) not in self.top_ks):
       raise ValueError(f"selection_metric {self.selection_metric!r} is not among the "
                        f"computed metrics (hr@K / ndcg@K for K in {self.top_ks}, mrr)")
+
+  @property
+  def task(self) -> str:
+    """``retrieval`` (next-item sequence models) or ``ranking`` (CTR models)."""
+    return models.task_of(self.model)
+
+  @property
+  def selection_lower_is_better(self) -> bool:
+    return self.selection_metric in LOWER_IS_BETTER
 
   @property
   def max_len(self) -> int:
@@ -173,6 +204,16 @@ def get_config(model: str = "sasrec", *, smoke: bool = False, **overrides: Any) 
   model_fields = {f.name for f in dataclasses.fields(type(models.model_config(model)))}
   model_over = {k: v for k, v in overrides.items() if k in model_fields}
   train_over = {k: v for k, v in overrides.items() if k not in model_fields}
+  if models.task_of(model) == "ranking":
+    from trainers.models import dlrm  # pylint: disable=g-import-not-at-top
+    train_over = {**dlrm.TRAIN_PRESETS.get(model, {}), **train_over}
+    if smoke:
+      model_over = {**dlrm.SMOKE_OVERRIDES.get(model, {}), **model_over}
+      train_over = {**train_over, "epochs": 2, "batch_size": 256, "eval_batch_size": 1024,
+                    "patience": 0, **{k: v for k, v in overrides.items()
+                                      if k not in model_fields}}
+    return TrainConfig(model=model, model_config=models.model_config(model, **model_over),
+                       **train_over)
   if smoke:
     model_over = {"max_len": 20, "embedding_dim": 16, "num_blocks": 1, **model_over}
     if model == "hstu-large":

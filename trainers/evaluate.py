@@ -214,10 +214,10 @@ def popularity_baseline(data_dir: str, split: str = features.TEST, max_len: int 
 
 def dataset_name(data_dir: str) -> str:
   """The source's name, else its input folder's (a file's parent), else the dataset dir's."""
-  info = features.load_dataset_info(data_dir)
-  if info.source.get("name"):
-    return str(info.source["name"])
-  source = str(info.source.get("input") or "").rstrip("/")
+  source_info = features.read_dataset_json(data_dir).get("source") or {}  # either task
+  if source_info.get("name"):
+    return str(source_info["name"])
+  source = str(source_info.get("input") or "").rstrip("/")
   if source and "*" not in source:
     base = os.path.basename(source)
     return base if "." not in base else os.path.basename(os.path.dirname(source))

@@ -1,5 +1,9 @@
 """Serving bundles: a trained model as data, answerable without the training code.
 
+This module is the bundle format: writing one (:func:`export_bundle`), reading one
+(:func:`load_bundle`) and checking its files (:func:`verify_bundle_files`). Serving it
+(the predictor, the HTTP server, the model registry) is the ``serving`` package.
+
 A bundle answers "given this user's recent raw item ids, return the top-K raw item ids
 with scores". It is a directory of data files only (no pickle, no Python)::
 
@@ -33,9 +37,9 @@ Times: requests carry int64 unix seconds, the device takes int32. As in training
 (:func:`trainers.input_pipeline.model_batch`), each time goes in as the int32 (high,
 low) words of its offset from the row's latest query time
 (:func:`trainers.features.time_words`) and HSTU subtracts word by word: no date or gap
-overflows, and the scores are the trainer's for the same int64 times
-(:func:`time_inputs` converts; :class:`Predictor` does it for its callers). Bundles of
-format 1 and 2 take plain int32 offsets ``[b, l]`` (exact for gaps under 2**31 s).
+overflows, and the scores are the trainer's for the same int64 times (the server's
+predictor converts them). Bundles of format 1 and 2 take plain int32 offsets ``[b, l]``
+(exact for gaps under 2**31 s).
 
 Writing a bundle needs the model code (Flax); loading one needs only ``jax`` and
 ``numpy`` (the serving image has nothing else), which is why Flax and the trainer are
@@ -56,7 +60,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 import zipfile
 from typing import Any, Sequence
 
@@ -351,172 +354,9 @@ def _load_model(path: str, meta: dict[str, Any]):
   return exported, weights
 
 
-def time_inputs(timestamps: np.ndarray, query_timestamps: np.ndarray, words: bool = True
-                ) -> tuple[np.ndarray, np.ndarray]:
-  """int64 ``[n, L]`` unix seconds (0 at padding) -> the exported function's two time
-  inputs: the trainer's int32 words ``[n, L, 2]`` (:func:`trainers.input_pipeline.model_batch`),
-  or for format 1 and 2 bundles (``words=False``) int32 offsets ``[n, L]`` from the same
-  reference, saturated at the int32 range (exact for gaps under 2**31 s)."""
-  from trainers import input_pipeline  # pylint: disable=g-import-not-at-top  (numpy only)
-  batch = {"timestamps": np.asarray(timestamps, np.int64),
-           "query_timestamps": np.asarray(query_timestamps, np.int64)}
-  if words:
-    batch = input_pipeline.model_batch(batch)
-    return batch["timestamps"], batch["query_timestamps"]
-  reference = batch["query_timestamps"].max(axis=-1, keepdims=True)
-  info = np.iinfo(np.int32)
-  return tuple(np.clip(batch[k] - reference, info.min, info.max).astype(np.int32)
-               for k in TIME_INPUTS)
-
-
-def right_align(rows: Sequence[Sequence[int]], length: int, out: np.ndarray | None = None):
-  """Sequences (lists or arrays, oldest first) -> ``[len(rows), length]`` int32, left-padded
-  with 0; longer ones keep their end. ``out`` (zeros, at least ``len(rows)`` rows) is
-  filled instead of a new array."""
-  arr = np.zeros((len(rows), length), np.int32) if out is None else out
-  for r, row in enumerate(rows):
-    row = row[-length:]
-    if len(row):
-      arr[r, length - len(row):] = row
-  return arr
-
-
-def doubling_buckets(first: int, last: int) -> tuple[int, ...]:
-  """``first``, doubled while below ``last``, then ``last``: (1, 32) -> 1, 2, 4, ..., 32."""
-  out, size = [], first
-  while size < last:
-    out.append(size)
-    size *= 2
-  return tuple(out + [last])
-
-
-def default_length_buckets(max_len: int) -> tuple[int, ...]:
-  """32, 64, ... below ``max_len``, then ``max_len``: 32, 64, 128, 200."""
-  return doubling_buckets(32, max_len)
-
-
-def _smallest_at_least(buckets: Sequence[int], n: int, what: str) -> int:
-  for b in buckets:
-    if b >= n:
-      return b
-  raise ValueError(f"{what} {n} exceeds the largest bucket {buckets[-1]}")
-
-
-class Predictor:
-  """Runs a bundle on the default device, calls padded to fixed (batch, length) buckets.
-
-  ``jax.jit(exported.call)`` compiles once per (batch bucket, length bucket) pair
-  (``warmup`` does all of them), so serving never recompiles: n rows whose longest history
-  has m items run as ``[smallest batch bucket >= n, smallest length bucket >= m]``.
-  A version-1 bundle (fixed length) has the single length bucket ``max_len``.
-  """
-
-  def __init__(self, bundle: Bundle, buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
-               length_buckets: Sequence[int] | None = None):
-    import jax  # pylint: disable=g-import-not-at-top
-    self.bundle = bundle
-    self.buckets = tuple(sorted(set(int(b) for b in buckets)))
-    if not self.buckets or self.buckets[0] < 1:
-      raise ValueError(f"bad buckets {buckets}")
-    self.max_batch = self.buckets[-1]
-    fixed = bundle.exported.in_avals[-1].shape[-1]
-    if isinstance(fixed, int):  # a version-1 bundle
-      self.length_buckets = (fixed,)
-    else:
-      lengths = length_buckets or default_length_buckets(bundle.max_len)
-      self.length_buckets = tuple(sorted({min(int(n), bundle.max_len) for n in lengths}
-                                         | {bundle.max_len}))
-      if self.length_buckets[0] < 1:
-        raise ValueError(f"bad length buckets {length_buckets}")
-    # format 3 takes times as int32 words [b, l, 2]; 1 and 2 as int32 offsets [b, l]
-    self.time_words = len(bundle.exported.in_avals[len(bundle.weights) + 1].shape) == 3
-    self._weights = tuple(jax.device_put(w) for w in bundle.weights)
-    self._call = jax.jit(bundle.exported.call)
-    # seconds per call of each (batch bucket, length bucket), measured by warmup()
-    self.cost: dict[tuple[int, int], float] = {}
-
-  def bucket(self, n: int) -> int:
-    return _smallest_at_least(self.buckets, n, "batch of")
-
-  def length(self, n_items: int) -> int:
-    """The padded length for a history of ``n_items`` (at most ``max_len``)."""
-    return _smallest_at_least(self.length_buckets, max(1, n_items), "history of")
-
-  def run(self, item_ids: np.ndarray, timestamps: np.ndarray, query_timestamps: np.ndarray,
-          exclude_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``[n, L]`` inputs (n <= max_batch, L a length bucket; ids int32, times int64 unix
-    seconds, 0 at padding) -> ``(scores [n, K], ids [n, K])``."""
-    n, length = item_ids.shape
-    if length not in self.length_buckets:
-      raise ValueError(f"length {length} is not one of the length buckets "
-                       f"{self.length_buckets}")
-    size = self.bucket(n)
-    args = [item_ids, timestamps, query_timestamps, exclude_ids]
-    if size != n:
-      args = [np.pad(a, ((0, size - n), (0, 0))) for a in args]
-    args[1:3] = time_inputs(args[1], args[2], self.time_words)
-    scores, ids = self._call(self._weights, *args)
-    return np.asarray(scores)[:n], np.asarray(ids)[:n]
-
-  def plan(self, groups: dict[int, list[Any]]) -> list[tuple[int, list[Any]]]:
-    """Which calls to make for rows grouped by length bucket: ``[(length, rows), ...]``.
-
-    Adjacent groups (by length) merge into one call at the longer length when the
-    measured cost says one bigger call is cheaper than two small ones (the fixed cost of
-    a call against the extra padding). Without measurements every group is its own call.
-    """
-    lengths = sorted(groups)
-    if len(lengths) < 2 or not self.cost:
-      return [(n, groups[n]) for n in lengths]
-    def cost(i: int, j: int) -> float:  # one call for groups i..j-1
-      rows = sum(len(groups[n]) for n in lengths[i:j])
-      if rows > self.max_batch:
-        return float("inf")
-      return self.cost.get((self.bucket(rows), lengths[j - 1]), float("inf"))
-    best = [0.0] + [float("inf")] * len(lengths)
-    cut = [0] * (len(lengths) + 1)
-    for j in range(1, len(lengths) + 1):
-      for i in range(j):
-        c = best[i] + cost(i, j)
-        if c < best[j]:
-          best[j], cut[j] = c, i
-    calls, j = [], len(lengths)
-    while j > 0:
-      i = cut[j]
-      calls.append((lengths[j - 1], [r for n in lengths[i:j] for r in groups[n]]))
-      j = i
-    return calls[::-1]
-
-  def warmup(self, repeats: int = 3) -> None:
-    """Compiles every (batch, length) bucket and measures its cost (fastest of
-    ``repeats`` calls), which :meth:`plan` uses."""
-    for length in self.length_buckets:
-      for size in self.buckets:
-        z = np.zeros((size, length), np.int32)
-        z[:, -1] = features.OOV_ID
-        self.run(z, z, z, z)
-        times = []
-        for _ in range(repeats):
-          started = time.perf_counter()
-          self.run(z, z, z, z)
-          times.append(time.perf_counter() - started)
-        self.cost[(size, length)] = min(times)
-
-
 # ---------------------------------------------------------------------------
-# Local model registry (files only: usable from the tools image without JAX)
+# Verifying (files only, no JAX)
 # ---------------------------------------------------------------------------
-#
-#     REGISTRY/
-#       current.json            the deployed version: {"version", "path", "deployed_at", ...}
-#       history.jsonl           one line per deployment
-#       models/<version>/       a copy of each deployed bundle (version = 0001, 0002, ...)
-#
-# ``current.json`` is replaced atomically, so a server starting during a deployment
-# reads either the old or the new version, never half of one.
-
-REGISTRY_CURRENT = "current.json"
-REGISTRY_HISTORY = "history.jsonl"
 
 
 def verify_bundle_files(path: str) -> dict[str, Any]:
@@ -527,54 +367,3 @@ def verify_bundle_files(path: str) -> dict[str, Any]:
       raise BundleError(f"{path}: bundle.json lists no sha256 for {name}")
   _check_digests(path, meta)
   return meta
-
-
-def publish(bundle_dir: str, registry: str, run_id: str = "",
-            labels: dict[str, Any] | None = None) -> dict[str, Any]:
-  """Copies a verified bundle into the registry and makes it the current model."""
-  meta = verify_bundle_files(bundle_dir)
-  models = os.path.join(registry, "models")
-  os.makedirs(models, exist_ok=True)
-  existing = [int(v) for v in os.listdir(models) if v.isdigit()]
-  number = max(existing, default=0) + 1
-  while True:  # os.mkdir is atomic: two deployments never share a version
-    version = f"{number:04d}"
-    staging = os.path.join(models, f".{version}.tmp")
-    try:
-      os.mkdir(os.path.join(models, version))
-      break
-    except FileExistsError:
-      number += 1
-  target = os.path.join(models, version)
-  shutil.rmtree(staging, ignore_errors=True)
-  shutil.copytree(bundle_dir, staging)
-  os.rmdir(target)
-  os.replace(staging, target)
-  record = {
-      "version": version,
-      "path": os.path.abspath(target),
-      "source": os.path.abspath(bundle_dir),
-      "run_id": run_id,
-      "model": meta.get("model"),
-      "valid": meta.get("source", {}).get("valid", {}),
-      "labels": dict(labels or {}),
-      "deployed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-  }
-  tmp = os.path.join(registry, f".{REGISTRY_CURRENT}.{version}.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(registry, REGISTRY_CURRENT))
-  with open(os.path.join(registry, REGISTRY_HISTORY), "a", encoding="utf-8") as f:
-    f.write(json.dumps(record, sort_keys=True) + "\n")
-  return record
-
-
-def current(registry: str) -> dict[str, Any]:
-  """The registry's current deployment (``current.json``)."""
-  path = os.path.join(registry, REGISTRY_CURRENT)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"no deployed model in {registry} ({REGISTRY_CURRENT} missing): run the pipeline "
-        "until a model is blessed, or `recml deploy --bundle DIR`")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)

@@ -297,6 +297,9 @@ class DatasetInfo:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "DatasetInfo":
+    if d.get("task", "sequence") != "sequence":
+      raise ValueError(f"a {d['task']} dataset, not a sequence dataset (see "
+                       "trainers.ranking_features)")
     version = d.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
       raise ValueError(f"dataset schema_version {version} != supported {SCHEMA_VERSION}")
@@ -309,17 +312,22 @@ class DatasetInfo:
 
 def load_dataset_info(data_dir: str) -> DatasetInfo:
   """Reads ``dataset_info.json`` of a dataset directory (local or gs://)."""
+  return DatasetInfo.from_dict(read_dataset_json(data_dir))
+
+
+def read_dataset_json(data_dir: str) -> dict[str, Any]:
+  """The parsed ``dataset_info.json`` of a dataset directory, of either task."""
   path = os.path.join(data_dir, DATASET_INFO_FILE)
-  try:
+  # Local files without TensorFlow (serving reads local bundles, and need not load it).
+  exists, opener = os.path.exists, open
+  if "://" in path:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     exists, opener = tf.io.gfile.exists, tf.io.gfile.GFile
-  except ImportError:  # serving images read local bundles without TensorFlow
-    exists, opener = os.path.exists, open
   if not exists(path):
     raise FileNotFoundError(
         f"{path} not found: pass a directory written by `recml preprocess`")
   with opener(path, "r") as f:
-    return DatasetInfo.from_dict(json.load(f))
+    return json.load(f)
 
 
 def load_item_vocab(data_dir: str) -> list[str]:

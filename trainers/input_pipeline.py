@@ -204,3 +204,60 @@ class SequenceData:
           return
         step += 1
         yield batch
+
+
+class RankingData:
+  """One split of a ranking (CTR) dataset (see :mod:`trainers.ranking_features`).
+
+  Batches: ``dense``, ``dense_missing`` (float32 ``[B, Nd]``), ``sparse`` (int32
+  ``[B, Nc]``), ``multi_hot/<name>`` (int32 ``[B, M]``), ``label`` and ``weight``
+  (float32 ``[B]``; ``weight`` is 0 on the rows that pad the last batch).
+  Shuffling (train) is seeded by ``(seed, epoch)``, as for sequences.
+  """
+
+  def __init__(self, data_dir: str, split: str, batch_size: int,
+               shuffle_buffer: int = 1_000_000, cache: bool = True):
+    from trainers import ranking_features  # pylint: disable=g-import-not-at-top
+    tf = _tf()
+    self.split, self.batch_size, self.shuffle_buffer = split, batch_size, shuffle_buffer
+    self.info = ranking_features.load_info(data_dir)
+    self.files = features.split_files(data_dir, split)
+    compression = "GZIP" if features.is_compressed(self.files[0]) else ""
+    ds = tf.data.TFRecordDataset(self.files, compression_type=compression)
+    self._records = ds.cache() if cache else ds
+    self._spec = ranking_features.feature_spec(self.info)
+    self.num_dense = len(self.info.dense)
+
+  def _parse(self, serialized):
+    tf = _tf()
+    ex = tf.io.parse_example(serialized, self._spec)
+    n = tf.shape(serialized)[0]
+    out = {k: v for k, v in ex.items()}
+    if self.num_dense == 0:  # no dense features (e.g. Frappe): empty [B, 0] arrays
+      out["dense"] = out["dense_missing"] = tf.zeros([n, 0], tf.float32)
+    if "sparse" not in out:  # only multi-hot features
+      out["sparse"] = tf.zeros([n, 0], tf.int64)
+    out["weight"] = tf.ones([n], tf.float32)
+    out = {k: _pad_rows(tf, v, self.batch_size) for k, v in out.items()}
+    return {k: tf.cast(v, tf.int32 if v.dtype == tf.int64 else tf.float32)
+            for k, v in out.items()}
+
+  def dataset(self, epoch: int = 0, seed: int = 0):
+    """The ``tf.data.Dataset`` of one epoch (deterministic given ``seed``, ``epoch``)."""
+    tf = _tf()
+    ds = self._records
+    if self.split == features.TRAIN:
+      ds = ds.shuffle(self.shuffle_buffer, seed=seed * 100_003 + epoch,
+                      reshuffle_each_iteration=False)
+    ds = ds.batch(self.batch_size).map(self._parse, num_parallel_calls=tf.data.AUTOTUNE,
+                                       deterministic=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+  def batches(self, epoch: int = 0, seed: int = 0, max_steps: int = 0) -> Iterator[Batch]:
+    """Numpy batches of one epoch; ``max_steps > 0`` stops early."""
+    for step, batch in enumerate(self.dataset(epoch, seed).as_numpy_iterator()):
+      if max_steps and step >= max_steps:
+        return
+      yield batch

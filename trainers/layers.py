@@ -1,4 +1,5 @@
-"""Pieces shared by the sequential models: the item embedding, positions, masks.
+"""Pieces shared by the models: the item embedding (and the per-feature tables of the
+ranking models built from it), positions, masks.
 
 Parameters carry *logical* axis names (``vocab``, ``embed``, ``mlp``, ``heads``,
 ...); :mod:`trainers.sharding` maps them onto mesh axes. Sharding an embedding
@@ -119,6 +120,66 @@ class ItemEmbedding(nn.Module):
   def all_candidates(self) -> Array:
     """The whole table as candidates: ``[vocab_size, features]``."""
     return l2_normalize(self.table) if self.normalize else self.table
+
+
+POOLINGS = ("mean", "sum")
+
+
+class FeatureEmbeddings(nn.Module):
+  """One :class:`ItemEmbedding` table per categorical feature (the ranking models' input).
+
+  Every table has the axes (``vocab``, ``embed``) and row ``features.PAD_ID`` = 0
+  looks up zeros (a present value is never 0; 1 is out-of-vocabulary). Tables are
+  named ``sparse_<i>`` (``i``: the feature's position in ``batch["sparse"]``) and
+  ``multi_hot_<name>``.
+
+  Attributes:
+    vocab_sizes: rows of each single-valued feature's table (incl. PAD and OOV).
+    dims: embedding width of each single-valued feature (same length).
+    multi_hot: ``(name, vocab_size, dim)`` of each multi-valued feature, pooled over
+      its non-padding ids.
+    pooling: ``mean`` or ``sum`` over a multi-hot row's ids; an all-padding row
+      pools to zeros.
+    stddev: truncated-normal initialisation scale of every table.
+  """
+
+  vocab_sizes: tuple[int, ...]
+  dims: tuple[int, ...]
+  multi_hot: tuple[tuple[str, int, int], ...] = ()
+  pooling: str = "mean"
+  stddev: float = 0.02
+
+  @nn.compact
+  def __call__(self, sparse: Array | None, multi_hot: Any = None) -> list[Array]:
+    """``sparse`` ``[B, Nc]`` and ``{name: [B, M]}`` -> ``Nc + len(multi_hot)`` arrays ``[B, d]``.
+
+    Ids must lie in ``[0, vocab_size)``; JAX's gather fills out-of-range rows with NaN.
+    ``sparse`` may be None when there are no single-valued features.
+    """
+    if sparse is None:
+      if self.vocab_sizes:
+        raise ValueError(f"the batch has no 'sparse' ids for the {len(self.vocab_sizes)} "
+                         "tables (vocab_sizes)")
+    elif sparse.shape[-1] != len(self.vocab_sizes):
+      raise ValueError(f"batch['sparse'] has {sparse.shape[-1]} features, the model "
+                       f"{len(self.vocab_sizes)} tables (vocab_sizes)")
+    out = [ItemEmbedding(v, d, stddev=self.stddev, name=f"sparse_{i}")(sparse[..., i])
+           for i, (v, d) in enumerate(zip(self.vocab_sizes, self.dims))]
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+    multi_hot = multi_hot or {}
+    for name, vocab, dim in self.multi_hot:
+      if name not in multi_hot:
+        raise ValueError(f"the batch has no multi-hot feature {name!r} "
+                         f"(it has {sorted(multi_hot)})")
+      ids = multi_hot[name]
+      pooled = jnp.sum(ItemEmbedding(vocab, dim, stddev=self.stddev,
+                                     name=f"multi_hot_{name}")(ids), axis=-2)
+      if self.pooling == "mean":
+        count = jnp.sum(ids != features.PAD_ID, axis=-1, keepdims=True)
+        pooled = pooled / jnp.maximum(count, 1).astype(pooled.dtype)
+      out.append(pooled)
+    return out
 
 
 class PositionEmbedding(nn.Module):

@@ -1,4 +1,7 @@
-"""Retrieval losses over (normalised) user and item embeddings, at every position.
+"""Losses: retrieval losses over (normalised) user and item embeddings at every
+position, and binary cross-entropy for ranking (CTR) models (:func:`binary_cross_entropy`).
+
+Retrieval:
 
 ``user``: ``[B, L, D]`` representations; ``targets``: ``[B, L]`` next items;
 ``weights``: ``[B, L]`` (0 at padding). ``table``: ``[V, D]`` candidate
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from trainers import features
 
@@ -78,3 +82,15 @@ def softmax_loss(user: jax.Array, targets: jax.Array, weights: jax.Array,
   log_z = jax.nn.logsumexp(logits, axis=-1)
   pos = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   return _weighted_mean(log_z - pos, weights, normalizer)
+
+
+def binary_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None,
+                         regularization: jax.Array | float = 0.0) -> jax.Array:
+  """Weighted mean of the sigmoid cross-entropy of ``logits`` ``[B]`` against ``labels``
+  ``[B]`` (0/1, or soft labels in [0, 1]), plus ``regularization`` (e.g. the model's
+  embedding L2). ``weights`` ``[B]``: 0 on padding rows; the mean is over their sum."""
+  labels = labels.astype(logits.dtype)
+  per_row = optax.sigmoid_binary_cross_entropy(logits, labels)
+  if weights is None:
+    weights = jnp.ones_like(per_row)
+  return _weighted_mean(per_row, weights.astype(per_row.dtype)) + regularization

@@ -20,7 +20,7 @@ import sys
 
 # The registry's names (trainers.models.MODELS, checked by a test), listed here so that
 # building the CLI parser imports no JAX/Flax: slim images (preprocess, tools) have none.
-MODELS = ("sasrec", "hstu", "hstu-large")
+MODELS = ("sasrec", "hstu", "hstu-large", "dlrm-v2", "dcnv2", "dlrm")
 
 
 def register(subparsers) -> None:

@@ -1,8 +1,11 @@
-"""Ranking and binary-classification metrics as mergeable sums.
+"""Ranking and binary-classification metrics from mergeable states.
 
-Each metric is a pair of functions: one turns a batch into a dict of sums (plain
-arrays, so they add across batches, hosts and devices with ``+``/``psum``), the
-other turns the merged sums into values. ``merge`` adds two states.
+Each metric is a pair of functions: one turns a batch into a state, the other
+turns the merged states into values. Ranking states are dicts of sums (plain
+arrays, so they add across batches, hosts and devices with ``+``/``psum``;
+``merge`` adds two states). Binary (CTR) states hold the predictions, labels and
+weights themselves and merge by concatenation (``binary_merge``), so that AUC is
+exact rather than binned.
 
 Ranking (one held-out target per user, full ranking over the candidates):
 ``g`` = candidates scoring strictly above the target, ``t`` = other candidates
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 State = dict[str, jax.Array]
+ArrayLike = jax.Array | np.ndarray
 # Sums that are counts, not per-target metrics: ``compute`` leaves them out.
 COUNT_KEYS = ("count", "oov_targets")
 
@@ -124,37 +128,126 @@ def counts(state: Mapping[str, jax.Array]) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------
-# Binary classification (CTR): AUC from score histograms, accuracy, log loss.
+# Binary classification (CTR): exact AUC, log loss, accuracy, NE, calibration.
 # ---------------------------------------------------------------------------
 
-
-def binary_sums(probs: jax.Array, labels: jax.Array, weights: jax.Array | None = None,
-                num_bins: int = 10_000, eps: float = 1e-7) -> State:
-  """Mergeable sums for AUC (histograms of predicted probabilities per class),
-  accuracy at 0.5 and log loss."""
-  probs = jnp.asarray(probs, jnp.float32).reshape(-1)
-  labels = jnp.asarray(labels, jnp.float32).reshape(-1)
-  w = jnp.ones_like(probs) if weights is None else jnp.asarray(weights, jnp.float32).reshape(-1)
-  bins = jnp.clip((probs * num_bins).astype(jnp.int32), 0, num_bins - 1)
-  pos_hist = jnp.zeros(num_bins, jnp.float32).at[bins].add(w * labels)
-  neg_hist = jnp.zeros(num_bins, jnp.float32).at[bins].add(w * (1 - labels))
-  p = jnp.clip(probs, eps, 1 - eps)
-  logloss = -(labels * jnp.log(p) + (1 - labels) * jnp.log(1 - p))
-  correct = ((probs >= 0.5) == (labels >= 0.5)).astype(jnp.float32)
-  return {"count": jnp.sum(w), "pos_hist": pos_hist, "neg_hist": neg_hist,
-          "logloss": jnp.sum(w * logloss), "correct": jnp.sum(w * correct)}
+BinaryState = dict[str, np.ndarray]
+_BINARY_KINDS = ("logits", "probs")
+PROB_EPS = 1e-7  # probabilities (not logits) are clipped to [eps, 1 - eps] for log loss
 
 
-def binary_compute(state: Mapping[str, jax.Array]) -> dict[str, float]:
-  """AUC (pairs within a bin count one half), accuracy, log loss."""
-  pos = np.asarray(state["pos_hist"], np.float64)
-  neg = np.asarray(state["neg_hist"], np.float64)
-  count = float(state["count"])
+def binary_state(predictions: ArrayLike, labels: ArrayLike, weights: ArrayLike | None = None,
+                 *, logits: bool = False) -> BinaryState:
+  """The exact-metric state of a batch: its predictions, labels and weights (host numpy).
+
+  States merge by concatenation (:func:`binary_merge`), across batches, hosts and
+  devices, so :func:`binary_compute` is exact. Pass ``logits=True`` with logits
+  (exact log loss, and no ties from float32 probabilities saturating at 0 or 1);
+  otherwise ``predictions`` are probabilities. Rows of weight 0 (padding) count for
+  nothing. ``labels`` are 0/1 (a soft label ``y`` counts as ``y`` positive and
+  ``1 - y`` negative).
+  """
+  kind = "logits" if logits else "probs"
+  preds = np.asarray(predictions, np.float32).reshape(-1)
+  labels = np.asarray(labels, np.float32).reshape(-1)
+  weights = (np.ones_like(preds) if weights is None
+             else np.asarray(weights, np.float32).reshape(-1))
+  if not preds.shape == labels.shape == weights.shape:
+    raise ValueError(f"binary_state: {preds.size} predictions, {labels.size} labels and "
+                     f"{weights.size} weights")
+  bad = (labels < 0) | (labels > 1) | np.isnan(labels)
+  if bad.any():
+    raise ValueError(f"binary_state: {int(bad.sum())} label(s) outside [0, 1], "
+                     f"e.g. {labels[bad][:3].tolist()}")
+  if (weights < 0).any() or np.isnan(weights).any():
+    raise ValueError("binary_state: weights must be >= 0 (0 = padding row)")
+  return {kind: preds, "labels": labels, "weights": weights}
+
+
+def binary_merge(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> BinaryState:
+  """Concatenates two states (an empty mapping is the identity)."""
+  if not a:
+    return dict(b)
+  if not b:
+    return dict(a)
+  if set(a) != set(b):
+    raise ValueError(f"binary_merge: cannot merge a state of {sorted(a)} with one of "
+                     f"{sorted(b)} (logits and probabilities do not mix)")
+  return {k: np.concatenate([np.asarray(a[k]), np.asarray(b[k])]) for k in a}
+
+
+def weighted_auc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> float:
+  """Exact ROC AUC: the weighted Mann-Whitney statistic with midranks.
+
+  ``P(score+ > score-) + P(score+ == score-) / 2`` over (positive, negative) pairs
+  weighted by the product of their weights: after sorting by score, each group of
+  tied scores contributes ``pos_g * (neg_below + neg_g / 2)``. NaN if a class has no
+  weight or a weighted score is NaN.
+  """
+  scores = np.asarray(scores, np.float64)
+  pos = np.asarray(weights, np.float64) * np.asarray(labels, np.float64)
+  neg = np.asarray(weights, np.float64) * (1.0 - np.asarray(labels, np.float64))
+  keep = (pos > 0) | (neg > 0)
+  scores, pos, neg = scores[keep], pos[keep], neg[keep]
+  total_pos, total_neg = pos.sum(), neg.sum()
+  if total_pos == 0 or total_neg == 0 or np.isnan(scores).any():
+    return float("nan")
+  order = np.argsort(scores, kind="stable")
+  scores, pos, neg = scores[order], pos[order], neg[order]
+  starts = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])
+  pos_g, neg_g = np.add.reduceat(pos, starts), np.add.reduceat(neg, starts)
+  neg_below = np.cumsum(neg_g) - neg_g
+  return float(np.sum(pos_g * (neg_below + 0.5 * neg_g)) / (total_pos * total_neg))
+
+
+def binary_compute(state: Mapping[str, np.ndarray]) -> dict[str, float]:
+  """Exact metrics of a merged state (float64).
+
+  ``auc`` (:func:`weighted_auc`), ``logloss`` (weighted mean cross-entropy; from
+  logits exactly, from probabilities clipped to ``[PROB_EPS, 1 - PROB_EPS]``),
+  ``accuracy`` (prediction ``p >= 0.5``, i.e. logit ``>= 0``, against label ``>= 0.5``),
+  ``ne`` (normalised entropy: log loss / the entropy of the label rate), ``calibration``
+  (mean prediction / label rate), ``label_rate`` and ``count`` (the summed weight).
+  Undefined values (one class only, a NaN prediction) are NaN.
+  """
+  kind = next((k for k in _BINARY_KINDS if k in state), None)
+  if kind is None:
+    raise ValueError(f"binary_compute: the state has no predictions (keys {sorted(state)})")
+  preds = np.asarray(state[kind], np.float64)
+  labels = np.asarray(state["labels"], np.float64)
+  w = np.asarray(state["weights"], np.float64)
+  count = float(w.sum())
   if count == 0:
     raise ValueError("no examples were evaluated (count is 0)")
-  neg_below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
-  n_pos, n_neg = pos.sum(), neg.sum()
-  auc = float(np.sum(pos * (neg_below + 0.5 * neg)) / (n_pos * n_neg)) if n_pos and n_neg \
-      else float("nan")
-  return {"auc": auc, "accuracy": float(state["correct"]) / count,
-          "logloss": float(state["logloss"]) / count}
+  with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN rows of weight 0
+    return _binary_values(kind, preds, labels, w, count)
+
+
+def _binary_values(kind: str, preds: np.ndarray, labels: np.ndarray, w: np.ndarray,
+                   count: float) -> dict[str, float]:
+  if kind == "logits":
+    probs = 0.5 * (1.0 + np.tanh(0.5 * preds))  # sigmoid without overflow
+    # -log sigmoid(z) = softplus(-z), -log(1 - sigmoid(z)) = softplus(z)
+    per_row = labels * np.logaddexp(0.0, -preds) + (1 - labels) * np.logaddexp(0.0, preds)
+    predicted_pos = preds >= 0
+  else:
+    probs = preds
+    p = np.clip(preds, PROB_EPS, 1 - PROB_EPS)
+    per_row = -(labels * np.log(p) + (1 - labels) * np.log1p(-p))
+    predicted_pos = preds >= 0.5
+  # A zero weight removes a row even where its prediction is inf or NaN.
+  logloss = float(np.sum(np.where(w > 0, w * per_row, 0.0)) / count)
+  correct = predicted_pos == (labels >= 0.5)
+  accuracy = (float("nan") if np.isnan(preds[w > 0]).any()
+              else float(np.sum(w * correct) / count))
+  rate = float(np.sum(w * labels) / count)
+  entropy = (-(rate * np.log(rate) + (1 - rate) * np.log1p(-rate))
+             if 0 < rate < 1 else float("nan"))
+  mean_pred = float(np.sum(np.where(w > 0, w * probs, 0.0)) / count)
+  return {"auc": weighted_auc(preds, labels, w),
+          "logloss": logloss,
+          "accuracy": accuracy,
+          "ne": logloss / entropy,
+          "calibration": mean_pred / rate if rate > 0 else float("nan"),
+          "label_rate": rate,
+          "count": count}

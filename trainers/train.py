@@ -15,7 +15,6 @@ metric, timing), ``checkpoints/{latest,best}``, ``tb/`` (TensorBoard).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -34,60 +33,68 @@ import optax
 import tensorboardX
 import tqdm
 
-from trainers import configs, features, losses, models, sharding
+from trainers import configs, features, models, sharding, tasks
 from trainers.checkpoints import (METRICS_FILE, Checkpoints, abstract_tree, best_meta,
                                   check_resume, save_config)
-from trainers.evaluate import dataset_name, evaluation_facts, make_eval_step, run_eval
-from trainers.input_pipeline import SequenceData, model_batch
+from trainers.evaluate import dataset_name
 
 log = logging.getLogger("recml.train")
 LOG_FILE = "log.jsonl"
 
 
 def make_optimizer(config: configs.TrainConfig) -> optax.GradientTransformation:
-  adamw = optax.adamw(config.learning_rate, b1=config.beta1, b2=config.beta2,
-                      weight_decay=config.weight_decay)
-  if config.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
-  return adamw
+  """The config's optimizer; with ``lr_decay_on_plateau`` < 1 its learning rate is a
+  hyper-parameter in the optimizer state (:func:`decay_learning_rate` lowers it)."""
+
+  def build(learning_rate):
+    if config.optimizer == "adagrad":
+      opt = optax.adagrad(learning_rate, initial_accumulator_value=0.0, eps=1e-8)
+    else:
+      opt = optax.adamw(learning_rate, b1=config.beta1, b2=config.beta2,
+                        weight_decay=config.weight_decay)
+    if config.grad_clip_norm > 0:
+      return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), opt)
+    return opt
+
+  if config.lr_decay_on_plateau < 1.0:
+    return optax.inject_hyperparams(build)(learning_rate=config.learning_rate)
+  return build(config.learning_rate)
 
 
-def make_train_step(model, tx, config: configs.TrainConfig, base_rng: jax.Array):
-  """``(state, batch) -> (state, loss)``; randomness is folded from the step number."""
-  vocab_size = config.model_config.vocab_size
-  normalizer = (float(config.batch_size * config.model_config.max_len)
-                if config.loss_normalization == "fixed" else None)
+def decay_learning_rate(state: dict[str, Any], config: configs.TrainConfig) -> float:
+  """Multiplies the state's learning rate by ``lr_decay_on_plateau`` (not below
+  ``min_learning_rate``) and returns the new rate: FuxiCTR's reduce-on-plateau, applied
+  after each evaluation that does not improve the selection metric."""
+  hyper = state["opt_state"].hyperparams
+  rate = max(float(hyper["learning_rate"]) * config.lr_decay_on_plateau,
+             config.min_learning_rate)
+  hyper["learning_rate"] = jnp.asarray(rate, hyper["learning_rate"].dtype)
+  return rate
 
-  def loss_fn(params, batch, rng):
-    dropout_rng, negatives_rng = jax.random.split(rng)
 
-    def fwd(m, b):
-      user = m(b["inputs"], b["timestamps"], b["query_timestamps"], deterministic=False)
-      return user, m.all_candidates()
+def make_train_step(model, tx, task: tasks.Task, base_rng: jax.Array):
+  """``(state, batch) -> (state, loss)``; randomness is folded from the step number.
 
-    user, table = model.apply({"params": params}, batch, method=fwd,
-                              rngs={"dropout": dropout_rng})
-    if config.loss == "softmax":
-      return losses.softmax_loss(user, batch["targets"], batch["weights"], table,
-                                 config.temperature, normalizer=normalizer)
-    negatives = losses.sample_negatives(negatives_rng, batch["targets"].shape,
-                                        config.num_negatives, vocab_size,
-                                        config.negative_sharing, config.negative_group)
-    return losses.sampled_softmax_loss(user, batch["targets"], batch["weights"], table,
-                                       negatives, config.temperature, normalizer)
+  ``state``: ``step``, ``params``, ``opt_state`` and, for models with other variable
+  collections (batch-norm statistics), ``model_state``.
+  """
 
   def train_step(state, batch):
     rng = jax.random.fold_in(base_rng, state["step"])
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, rng)
+    (loss, model_state), grads = jax.value_and_grad(task.loss, argnums=1, has_aux=True)(
+        model, state["params"], state.get("model_state"), batch, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, loss
+    new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    if "model_state" in state:
+      new["model_state"] = model_state
+    return new, loss
 
   return train_step
 
 
-def _better(value: float, best: float | None) -> bool:
-  return best is None or value > best
+def _better(value: float, best: float | None, lower: bool = False) -> bool:
+  return best is None or (value < best if lower else value > best)
 
 
 def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, Any]:
@@ -100,19 +107,17 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
   if not config.data_dir:
     raise ValueError("config.data_dir is empty: pass the dataset directory (--data)")
-  info = features.load_dataset_info(config.data_dir)
-  model_config = dataclasses.replace(config.model_config, vocab_size=info.item_vocab_size)
-  config = config.replace(model_config=model_config)
+  task = tasks.for_config(config)
+  config = task.prepare()  # the model's vocabulary sizes come from the dataset
   # The work directory's own run continues only with its config (checked before any write).
   record = check_resume(workdir, config)
   if record is not None and record.get("stopped") and config.epochs > record["epoch"]:
     log.warning("%s stopped early after epoch %d: more epochs continue nothing (patience %d)",
                 workdir, record["epoch"], config.patience)
   save_config(workdir, config.to_json())
-  max_len = model_config.max_len
-  if max_len > info.max_len:
+  if task.name == "retrieval" and config.max_len > task.info.max_len:
     log.warning("model max_len %d exceeds the dataset's %d: sequences are at most %d long",
-                max_len, info.max_len, info.max_len)
+                config.max_len, task.info.max_len, task.info.max_len)
 
   # ----------------------------------------------------------------- mesh
   mesh = sharding.make_mesh()
@@ -122,32 +127,30 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
                      f"divisible by the {n_dev} devices")
 
   # ----------------------------------------------------------------- input
-  train_data = SequenceData(
-      config.data_dir, features.TRAIN, config.batch_size, max_len, config.shuffle_buffer,
-      length_buckets=tuple(int(f * max_len) for f in config.length_bucket_fractions),
-      bucket_window=config.bucket_window)
-  eval_data = {split: SequenceData(config.data_dir, split, config.eval_batch_size, max_len)
-               for split in (features.VALID, features.TEST)}
-  eval_facts = evaluation_facts(config.exclude_history, eval_data)  # exclusion rule, counts
-  num_train = info.num_examples[features.TRAIN]
+  train_data = task.train_data()
+  eval_data = task.eval_data()
+  eval_facts = task.facts(eval_data)  # protocol facts: exclusion rule, counts
+  num_train = task.num_train()
   steps_per_epoch = math.ceil(num_train / config.batch_size)
   if config.max_steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
 
   # ----------------------------------------------------------------- model + optimizer
-  model = models.build(config.model, model_config)
+  model = models.build(config.model, config.model_config)
   tx = make_optimizer(config)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  dummy = jnp.zeros((1, max_len), jnp.int32)
 
   def init_state():
-    variables = model.init(init_rng, dummy, dummy, dummy)
-    params = nn.meta.unbox(variables["params"])
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": tx.init(params)}
+    variables = {k: nn.meta.unbox(v) for k, v in task.init(model, init_rng).items()}
+    params = variables.pop("params")
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt_state": tx.init(params)}
+    if variables:  # batch-norm statistics and other non-trained collections
+      state["model_state"] = variables
+    return state
 
   # ----------------------------------------------------------------- sharding
-  boxed = jax.eval_shape(lambda: model.init(init_rng, dummy, dummy, dummy))
+  boxed = jax.eval_shape(lambda: task.init(model, init_rng))
   param_shardings = sharding.param_shardings(mesh, boxed)["params"]
   abstract_state = jax.eval_shape(init_state)
   state_shardings = {
@@ -155,16 +158,19 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
       "params": param_shardings,
       "opt_state": jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state["opt_state"]),
   }
+  if "model_state" in abstract_state:
+    state_shardings["model_state"] = jax.tree.map(lambda _: sharding.replicated(mesh),
+                                                  abstract_state["model_state"])
   batch_sharding = sharding.batch_sharding(mesh)
   state = jax.jit(init_state, out_shardings=state_shardings)()
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state["params"]))
 
   # ----------------------------------------------------------------- step functions
-  train_step = jax.jit(make_train_step(model, tx, config, train_rng),
+  train_step = jax.jit(make_train_step(model, tx, task, train_rng),
                        in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, sharding.replicated(mesh)),
                        donate_argnums=(0,))
-  eval_step = make_eval_step(model, config)
+  evaluator = task.make_evaluator(model)
 
   # ----------------------------------------------------------------- checkpoint restore
   ckpt = Checkpoints(workdir)
@@ -174,7 +180,7 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
   if restored is not None:
     state, meta = restored
     log.info("resumed from epoch %d (step %d)", meta["epoch"], int(state["step"]))
-    ckpt.check_best(meta, state["params"])
+    ckpt.check_best(meta, task.selected(state))
   # The log is rewritten from the checkpoint, dropping epochs that were logged but not saved.
   with open(os.path.join(workdir, LOG_FILE), "w") as f:
     f.writelines(json.dumps(e) + "\n" for e in meta["history"])
@@ -183,8 +189,8 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
   tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
   metric_name = config.selection_metric
 
-  def evaluate_all(params) -> dict[str, dict[str, float]]:
-    return {split: run_eval(eval_step, params, data) for split, data in eval_data.items()}
+  def evaluate_all(variables) -> dict[str, dict[str, float]]:
+    return {split: evaluator(variables, data) for split, data in eval_data.items()}
 
   # ----------------------------------------------------------------- loop
   show_bar = sys.stderr.isatty()
@@ -197,8 +203,8 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
                     disable=not show_bar, leave=False, unit="step")
     pending = None
     for batch in train_data.batches(epoch, config.seed, config.max_steps_per_epoch):
-      sequences += int(np.count_nonzero(batch["weights"].any(axis=1)))
-      state, loss = train_step(state, model_batch(batch))
+      sequences += task.count(batch)
+      state, loss = train_step(state, task.device_batch(batch))
       if pending is not None:  # read the previous loss: keeps the device a step ahead
         losses_sum += float(pending)
         loss_count += 1
@@ -219,34 +225,37 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
         "epoch": epoch, "step": int(state["step"]),
         "train_loss": losses_sum / loss_count,
         "epoch_seconds": train_seconds,
-        "sequences_per_second": sequences / train_seconds,
+        f"{task.unit}_per_second": sequences / train_seconds,
     }
     if epoch % config.eval_every == 0 or epoch == config.epochs:
       t1 = time.perf_counter()
-      results = evaluate_all(state["params"])
+      results = evaluate_all(task.selected(state))
       entry.update(results, eval_seconds=time.perf_counter() - t1)
       value = results[features.VALID][metric_name]
-      if _better(value, (meta["best"] or {}).get("value")):
+      if _better(value, (meta["best"] or {}).get("value"), config.selection_lower_is_better):
         meta["best"] = {"epoch": epoch, "value": value, **results}
         meta["stale_evals"] = 0
       else:
         meta["stale_evals"] += 1
+        if config.lr_decay_on_plateau < 1.0:
+          entry["learning_rate"] = decay_learning_rate(state, config)
         if config.patience and meta["stale_evals"] >= config.patience:
           meta["stopped"] = True
     meta["history"].append(entry)
     meta["epoch"] = epoch
-    _log_epoch(entry, metric_name, tb, workdir)
+    _log_epoch(entry, metric_name, tb, workdir, task.unit, epochs=config.epochs)
     # latest (whose record names the best epoch) first, then best: a kill in between
     # leaves a record that check_best repairs from the latest state on resume.
     ckpt.save_latest(epoch, state, meta)
     if meta["best"] is not None and meta["best"]["epoch"] == epoch:
-      ckpt.save_best(epoch, state["params"], best_meta(meta["best"]))
+      ckpt.save_best(epoch, task.selected(state), best_meta(meta["best"]))
   ckpt.wait()
   ckpt.close()
   tb.close()
 
   # ----------------------------------------------------------------- summary
-  summary = _summary(config, meta, info, num_params, steps_per_epoch)
+  summary = _summary(config, meta, num_params, steps_per_epoch, task.unit)
+  summary.update(task.info_facts())
   summary["dataset"] = dataset_name(config.data_dir)
   summary.update(eval_facts)
   # Written once every checkpoint is durable, atomically: it names the selected epoch.
@@ -258,25 +267,27 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
   return summary
 
 
-def _log_epoch(entry: dict[str, Any], metric_name: str, tb, workdir: str) -> None:
+def _log_epoch(entry: dict[str, Any], metric_name: str, tb, workdir: str,
+               unit: str = "sequences", epochs: int = 0) -> None:
   with open(os.path.join(workdir, LOG_FILE), "a") as f:
     f.write(json.dumps(entry) + "\n")
-  text = (f"epoch {entry['epoch']:3d}  loss {entry['train_loss']:.4f}  "
-          f"{entry['epoch_seconds']:.1f}s  {entry['sequences_per_second']:.0f} seq/s")
+  text = (f"epoch {entry['epoch']:3d}/{epochs}  loss {entry['train_loss']:.4f}  "
+          f"{entry['epoch_seconds']:.1f}s  {entry[f'{unit}_per_second']:.0f} {unit}/s")
   if features.VALID in entry:
     text += (f"  valid {metric_name} {entry[features.VALID][metric_name]:.4f}"
              f"  test {metric_name} {entry[features.TEST][metric_name]:.4f}")
   print(text, flush=True)
   step = entry["step"]
   tb.add_scalar("train/loss", entry["train_loss"], step)
-  tb.add_scalar("train/sequences_per_second", entry["sequences_per_second"], step)
+  tb.add_scalar(f"train/{unit}_per_second", entry[f"{unit}_per_second"], step)
   for split in (features.VALID, features.TEST):
     for name, value in entry.get(split, {}).items():
-      tb.add_scalar(f"{split}/{name}", value, step)
+      tb.add_scalar(f"{split}/{name.replace('@', '_at_')}", value, step)  # TB's tag charset
   tb.flush()
 
 
-def _summary(config, meta, info, num_params: int, steps_per_epoch: int) -> dict[str, Any]:
+def _summary(config, meta, num_params: int, steps_per_epoch: int,
+             unit: str = "sequences") -> dict[str, Any]:
   history = meta["history"]
   best = meta["best"]
   if best is None:
@@ -284,14 +295,16 @@ def _summary(config, meta, info, num_params: int, steps_per_epoch: int) -> dict[
   evaluated = [e for e in history if features.TEST in e]
   best_test, best_test_epoch = {}, {}
   for name in best[features.TEST]:
-    top = max(evaluated, key=lambda e: e[features.TEST][name])
+    pick = min if name in configs.LOWER_IS_BETTER else max
+    top = pick(evaluated, key=lambda e: e[features.TEST][name])
     best_test[name] = top[features.TEST][name]
     best_test_epoch[name] = top["epoch"]
   # The first epoch includes compilation; the median over epochs is the steady state.
   epoch_seconds = [e["epoch_seconds"] for e in history]
-  seq_rates = [e["sequences_per_second"] for e in history]
+  rates = [e[f"{unit}_per_second"] for e in history]
   return {
       "model": config.model,
+      "task": config.task,
       "selected_epoch": best["epoch"],
       "selection_metric": f"valid {config.selection_metric}",
       features.VALID: best[features.VALID],
@@ -306,11 +319,9 @@ def _summary(config, meta, info, num_params: int, steps_per_epoch: int) -> dict[
       "steps_per_epoch": steps_per_epoch,
       "seconds_per_epoch": statistics.median(epoch_seconds),
       "first_epoch_seconds": epoch_seconds[0],
-      "sequences_per_second": statistics.median(seq_rates),
+      f"{unit}_per_second": statistics.median(rates),
       "eval_seconds": statistics.median([e["eval_seconds"] for e in evaluated]),
       "num_params": num_params,
-      "num_items": info.num_items,
-      "num_users": info.num_users,
       "device": jax.devices()[0].device_kind,
       "num_devices": jax.device_count(),
   }

@@ -1,4 +1,5 @@
-"""The preprocess step as a KFP component: raw events in, a sequence dataset out.
+"""The preprocess step as a KFP component: raw events in, a sequence dataset out
+(or, with ``task="ranking"``, CTR rows in, a ranking dataset out).
 
 The logic is :func:`components.preprocess.run` (Beam + tf.transform); this module only
 maps it onto typed artifacts: the ``Dataset`` (with vocabulary size, users, examples per
@@ -7,7 +8,8 @@ step's Markdown summary (rows read / kept / quarantined and why).
 
 The step takes the input's fingerprint (the fingerprint step's digest) as a parameter,
 so its cache key changes when the data does, and returns the dataset identity
-(:func:`components.fingerprint.dataset_identity`), which it also records in
+(:func:`components.fingerprint.dataset_identity`, ``ranking_dataset_identity`` for
+ranking), which it also records in
 ``dataset_info.json`` (``source.fingerprint``, ``source.dataset_id``) and the
 Dataset's metadata.
 """
@@ -22,15 +24,20 @@ from components import kfp_step
 
 def record_identity(data_dir: str, fingerprint: str, dataset_id: str) -> None:
   """Adds the input's fingerprint and the dataset identity to ``dataset_info.json``."""
-  from trainers import features  # pylint: disable=g-import-not-at-top
-  info = features.load_dataset_info(data_dir)
+  from trainers import features, ranking_features  # pylint: disable=g-import-not-at-top
+  if ranking_features.is_ranking(data_dir):
+    info = ranking_features.load_info(data_dir)
+  else:
+    info = features.load_dataset_info(data_dir)
   info.source.update({"fingerprint": fingerprint, "dataset_id": dataset_id})
   info.save(data_dir)
 
 
 def dataset_metadata(data_dir: str) -> dict[str, Any]:
   """Dataset artifact metadata read from ``dataset_info.json``."""
-  from trainers import features  # pylint: disable=g-import-not-at-top
+  from trainers import features, ranking_features  # pylint: disable=g-import-not-at-top
+  if ranking_features.is_ranking(data_dir):
+    return _ranking_metadata(ranking_features.load_info(data_dir))
   info = features.load_dataset_info(data_dir)
   meta: dict[str, Any] = {
       "item_vocab_size": info.item_vocab_size,
@@ -43,6 +50,21 @@ def dataset_metadata(data_dir: str) -> dict[str, Any]:
   meta.update({f"rows/{k}": v for k, v in info.counts.items()})
   meta.update({f"quarantined/{k}": v for k, v in info.quarantine.items()})
   meta["source_timestamp_unit"] = info.source_timestamp_unit
+  meta["source"] = {k: v for k, v in info.source.items() if isinstance(v, (str, int, float))}
+  if info.source.get("dataset_id"):
+    meta["dataset_id"] = info.source["dataset_id"]
+  return meta
+
+
+def _ranking_metadata(info) -> dict[str, Any]:
+  meta: dict[str, Any] = {"task": info.task, "schema_version": info.schema_version,
+                          "num_dense": len(info.dense),
+                          "num_categorical": len(info.categorical)}
+  meta.update({f"examples/{k}": v for k, v in info.counts.items()})
+  meta.update({f"label_rate/{k}": v for k, v in info.label_rate.items()})
+  meta.update({f"vocab_size/{f.name}": f.vocab_size for f in info.categorical})
+  meta.update({f"rows/{k}": v for k, v in info.rows.items()})
+  meta.update({f"quarantined/{k}": v for k, v in info.quarantine.items()})
   meta["source"] = {k: v for k, v in info.source.items() if isinstance(v, (str, int, float))}
   if info.source.get("dataset_id"):
     meta["dataset_id"] = info.source["dataset_id"]
@@ -91,6 +113,8 @@ def preprocess(
     beam_args: list = [],  # pylint: disable=dangerous-default-value
     fingerprint: str = "",
     timestamp_unit: str = "auto",
+    task: str = "sequence",
+    ranking: dict = {},  # pylint: disable=dangerous-default-value
 ) -> str:
   """Reads raw events, applies the split protocol and writes the sequence dataset.
 
@@ -108,6 +132,13 @@ def preprocess(
       cache key. Empty: computed here.
     timestamp_unit: the unit of integer timestamps (``s``, ``ms``, ``us``, ``ns``) or
       ``auto`` (detected).
+    task: ``sequence`` (the sequence dataset) or ``ranking`` (the CTR dataset of
+      ``trainers.ranking_features``; ``max_len``, ``min_item_count`` and
+      ``timestamp_unit`` are then unused).
+    ranking: for ``task="ranking"``: the keyword arguments of
+      :func:`components.preprocess.ctr_step.run` (``label``, ``dense``, ``categorical``,
+      ``multi_hot``, ``hash_buckets``, ``min_count``, ``split``, ``split_ratios``,
+      ``split_seed``, ``time_column``, ...).
 
   Returns:
     The dataset identity, ``ds-<12 hex>`` (the metrics store's ``dataset_id``).
@@ -117,13 +148,21 @@ def preprocess(
   from components.preprocess import component as step  # pylint: disable=g-import-not-at-top
 
   digest = fingerprint or fingerprint_lib.compute(input_uri)["digest"]
-  dataset_id = fingerprint_lib.dataset_identity(
-      digest, max_len=max_len, min_item_count=min_item_count,
-      timestamp_unit=timestamp_unit, data_format=data_format)
-  result = preprocess.run(
-      input_uri, dataset.path, format=data_format or None, max_len=max_len,
-      min_item_count=min_item_count, bad_rows_threshold=bad_rows_threshold,
-      timestamp_unit=timestamp_unit, **step.beam_kwargs(beam_args))
+  if task == "ranking":
+    from components.preprocess import ctr_step  # pylint: disable=g-import-not-at-top
+    result = preprocess.run(
+        input_uri, dataset.path, format=data_format or None, task=task, ranking=ranking,
+        bad_rows_threshold=bad_rows_threshold, **step.beam_kwargs(beam_args))
+    dataset_id = fingerprint_lib.ranking_dataset_identity(
+        digest, ctr_step.identity_params(result.info))
+  else:
+    dataset_id = fingerprint_lib.dataset_identity(
+        digest, max_len=max_len, min_item_count=min_item_count,
+        timestamp_unit=timestamp_unit, data_format=data_format)
+    result = preprocess.run(
+        input_uri, dataset.path, format=data_format or None, max_len=max_len,
+        min_item_count=min_item_count, bad_rows_threshold=bad_rows_threshold,
+        timestamp_unit=timestamp_unit, **step.beam_kwargs(beam_args))
   step.record_identity(dataset.path, digest, dataset_id)
   meta = step.dataset_metadata(dataset.path)
   dataset.metadata.update(meta)

@@ -78,10 +78,15 @@ def pipeline_flags(
   DirectRunner runs in memory in one worker by default (the fastest mode for
   batch-oriented work on a few cores); DataflowRunner gets the project, region,
   temp location, worker machine type and SDK container image passed through.
+
+  Beam's ``DirectRunner`` first tries the Prism runner, which downloads a Go binary
+  from GitHub at run time (offline: a failed download, then a fallback; online: another
+  runner), and otherwise runs batch pipelines such as ours on ``FnApiRunner``. The flags
+  name ``FnApiRunner`` directly, so a local run is the same on any machine.
   """
   flags = [f"--runner={runner}"]
   if runner == "DirectRunner":
-    flags += [f"--direct_num_workers={direct_num_workers}",
+    flags = ["--runner=FnApiRunner", f"--direct_num_workers={direct_num_workers}",
               f"--direct_running_mode={direct_running_mode}"]
   elif runner == "DataflowRunner":
     missing = [n for n, v in (("project", project), ("region", region),

@@ -1,4 +1,4 @@
-"""The tf.transform ``preprocessing_fn`` of the sequence dataset, and CTR transforms.
+"""The tf.transform ``preprocessing_fn`` of the sequence and of the ranking dataset.
 
 Vocabularies learned here are saved in ``transform_fn/`` and are exactly the
 ones serving applies.
@@ -83,76 +83,88 @@ def make_preprocessing_fn(
 
 
 # ---------------------------------------------------------------------------
-# CTR transforms (DLRM): dense features -> log + z-score and quantile buckets,
-# categorical features -> hash buckets or a frequency-thresholded vocabulary.
+# The ranking (CTR) dataset: trainers.ranking_features names the outputs.
 # ---------------------------------------------------------------------------
 
-CRITEO_LABEL = "label"
-CRITEO_DENSE = tuple(f"I{i}" for i in range(1, 14))
-CRITEO_SPARSE = tuple(f"C{i}" for i in range(1, 27))
+DENSE_MEAN = "_dense_mean"  # analyzer results, emitted per row so that the step can
+DENSE_STD = "_dense_std"    # record them; not written to the TFRecords
 
 
-def log_z_score(x: tf.Tensor) -> tf.Tensor:
-  """``z-score(log(1 + max(x, 0)))``: the DLRM dense-feature transform."""
-  x = tf.maximum(tf.cast(x, tf.float32), 0.0)
-  return tft.scale_to_z_score(tf.math.log1p(x))
+def ctr_vocab_name(index: int) -> str:
+  """The vocabulary file (under transform_fn/assets/) of the index-th categorical feature."""
+  return f"ctr_{index}"
 
 
-def bucketize(x: tf.Tensor, num_buckets: int) -> tf.Tensor:
-  """Quantile buckets of a dense feature (0..num_buckets-1)."""
-  return tft.bucketize(tf.cast(x, tf.float32), num_buckets)
+def make_ctr_preprocessing_fn(spec) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
+  """Builds the ``preprocessing_fn`` of the ranking dataset (analysed on train only).
 
-
-def hash_categorical(x: tf.Tensor, num_buckets: int) -> tf.Tensor:
-  """Hash bucket of a string feature; missing ('') maps to bucket 0."""
-  h = tf.strings.to_hash_bucket_fast(x, num_buckets - 1) + 1
-  return tf.where(tf.equal(x, ""), tf.zeros_like(h), h)
-
-
-def vocab_categorical(x: tf.Tensor, min_count: int, name: str) -> tf.Tensor:
-  """Vocabulary index (+1) of a string feature; rare or missing values map to 0."""
-  idx = tft.compute_and_apply_vocabulary(
-      x, frequency_threshold=min_count, default_value=-1, vocab_filename=name)
-  return tf.where(tf.equal(x, ""), tf.zeros_like(idx), idx + 1)
-
-
-def make_ctr_preprocessing_fn(
-    *,
-    dense: Sequence[str] = CRITEO_DENSE,
-    sparse: Sequence[str] = CRITEO_SPARSE,
-    label: str | None = CRITEO_LABEL,
-    hash_buckets: int | None = 1 << 16,
-    min_count: int = 1,
-    num_quantile_buckets: int = 0,
-) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
-  """Builds a ``preprocessing_fn`` for a CTR model such as DLRM.
-
-  Dense inputs are int or float (missing values filled with 0 before the
-  transform); sparse inputs are strings ('' = missing).
+  Inputs are the raw columns of ``ctr_sources.arrow_schema(spec)``: the label, the
+  dense features as one ``SparseTensor [B, Nd]`` holding the present values, one
+  column per categorical feature (values for vocabulary features, ``FIRST_ID +
+  hash_bucket`` ids for hashed ones; ragged for multi-hot).
 
   Args:
-    dense: numeric feature names -> ``<name>`` (log + z-score) and, with
-      ``num_quantile_buckets``, ``<name>_bucket``.
-    sparse: categorical feature names -> ``<name>`` (int64 index).
-    label: passed through as float32, if given.
-    hash_buckets: hash categorical values into this many buckets (0 reserved for
-      missing); ``None`` learns a vocabulary per feature instead.
-    min_count: vocabulary admission threshold when ``hash_buckets`` is None.
-    num_quantile_buckets: also emit quantile buckets of each dense feature.
+    spec: a resolved ``ctr_spec.CtrSpec``.
+
+  Returns:
+    ``preprocessing_fn(inputs)`` with the features of ``trainers.ranking_features``:
+    ``dense`` (``(log1p(max(x, 0)) - mean) / std`` with train's mean and population
+    std per feature, in float32; 0 where missing; a feature with std 0 is only
+    centred, one never present in train has mean 0 and std 1), ``dense_missing``,
+    ``sparse`` (vocabulary features: ``FIRST_ID`` + rank by descending train count
+    among values seen ``min_count`` times, else ``OOV_ID``), ``multi_hot/<name>``
+    (truncated / 0-padded to the feature's length), ``label``, plus ``DENSE_MEAN`` and
+    ``DENSE_STD`` (the statistics, per row).
   """
+  from components.preprocess import ctr_sources  # pylint: disable=g-import-not-at-top
+  from trainers import ranking_features as rf  # pylint: disable=g-import-not-at-top
+
+  nd = len(spec.dense)
+  features = (*spec.categorical, *spec.multi_hot_names)
+  sizes = dict(spec.multi_hot)
+
+  def ids_of(name: str, index: int, x):
+    if spec.is_hashed(name):
+      return x
+    ones = tf.ones_like(x, dtype=tf.float32)
+    count = spec.min_count[name]
+    vocab = tft.vocabulary(x, weights=ones, frequency_threshold=count if count > 1 else None,
+                           vocab_filename=ctr_vocab_name(index))
+    rank = tft.apply_vocabulary(x, vocab, default_value=-1)
+    return tf.where(rank < 0, tf.constant(rf.OOV_ID, tf.int64), rank + rf.FIRST_ID)
 
   def preprocessing_fn(inputs):
-    outputs = {}
-    for name in dense:
-      outputs[name] = log_z_score(inputs[name])
-      if num_quantile_buckets:
-        outputs[f"{name}_bucket"] = bucketize(inputs[name], num_quantile_buckets)
-    for name in sparse:
-      x = inputs[name]
-      outputs[name] = (hash_categorical(x, hash_buckets) if hash_buckets
-                       else vocab_categorical(x, min_count, name))
-    if label is not None:
-      outputs[label] = tf.cast(inputs[label], tf.float32)
+    label = inputs[ctr_sources.LABEL_COLUMN]
+    outputs = {rf.LABEL: label}
+    rows = tf.shape(label)[0]
+    if nd:
+      x = inputs[ctr_sources.DENSE_INPUT]
+      logs = tf.math.log1p(tf.maximum(x.values, 0.0))
+      present = tf.SparseTensor(x.indices, logs, x.dense_shape)
+      mean = tft.mean(present, reduce_instance_dims=False, output_dtype=tf.float64)
+      std = tf.sqrt(tft.var(present, reduce_instance_dims=False, output_dtype=tf.float64))
+      mean = tf.cast(tf.where(tf.math.is_finite(mean), mean, 0.0), tf.float32)
+      std = tf.cast(tf.where(tf.math.is_finite(std), std, 1.0), tf.float32)
+      scale = tf.where(std > 0, std, 1.0)
+      column = x.indices[:, 1]
+      z = (logs - tf.gather(mean, column)) / tf.gather(scale, column)
+      dense = tf.sparse.to_dense(tf.SparseTensor(x.indices, z, x.dense_shape))
+      seen = tf.sparse.to_dense(tf.SparseTensor(x.indices, tf.ones_like(z), x.dense_shape))
+      outputs[rf.DENSE] = tf.reshape(dense, [-1, nd])
+      outputs[rf.DENSE_MISSING] = 1.0 - tf.reshape(seen, [-1, nd])
+      outputs[DENSE_MEAN] = tf.tile(mean[tf.newaxis], [rows, 1])
+      outputs[DENSE_STD] = tf.tile(std[tf.newaxis], [rows, 1])
+    scalars = []
+    for index, name in enumerate(features):
+      x = inputs[spec.input_column(name)]
+      if name not in sizes:
+        scalars.append(ids_of(name, index, x))
+        continue
+      ids = x.with_flat_values(ids_of(name, index, x.flat_values))
+      outputs[rf.multi_hot_key(name)] = ids.to_tensor(default_value=rf.PAD_ID,
+                                                      shape=[None, sizes[name]])
+    if scalars:
+      outputs[rf.SPARSE] = tf.stack(scalars, axis=1)
     return outputs
 
   return preprocessing_fn

@@ -22,7 +22,7 @@ import math
 import os
 import shutil
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from components.preprocess import sources
 from trainers import features
@@ -107,8 +107,15 @@ def run(
     bigquery_method: str = "DIRECT_READ",
     pipeline_args: Sequence[str] = (),
     timestamp_unit: str = "auto",
+    task: str = "sequence",
+    ranking: Mapping[str, Any] | None = None,
 ) -> PreprocessResult:
   """Turns raw events into the sequence dataset of ``trainers.features``.
+
+  With ``task="ranking"``, turns CTR rows into the ranking dataset of
+  ``trainers.ranking_features`` instead (:func:`components.preprocess.ctr_step.run`,
+  whose column spec and split arguments ``ranking`` holds; the sequence-only
+  arguments are not used) and returns its ``RankingResult``.
 
   Args:
     input_path: a file, a glob, a MovieLens folder (as unpacked from the
@@ -146,6 +153,17 @@ def run(
     sources.InputError: missing or empty input, unknown format, bad mapping.
     BadInputError: the bad-row fraction is above ``bad_rows_threshold``.
   """
+  if task == "ranking":
+    from components.preprocess import ctr_step  # pylint: disable=g-import-not-at-top
+    return ctr_step.run(
+        input_path, output_dir, format=format, delimiter=delimiter, header=header,
+        bad_rows_threshold=bad_rows_threshold, num_shards=num_shards,
+        batch_rows=batch_rows, runner=runner, project=project, region=region,
+        temp_location=temp_location, machine_type=machine_type,
+        sdk_container_image=sdk_container_image, bigquery_method=bigquery_method,
+        pipeline_args=pipeline_args, **dict(ranking or {}))
+  if task != "sequence":
+    raise sources.InputError(f"--task must be sequence or ranking, got {task!r}")
   start = time.perf_counter()
   if max_len < 1:
     raise sources.InputError(f"--max-len must be >= 1, got {max_len}")
@@ -450,10 +468,27 @@ def _bad_rows_message(output_dir: str, shards: int, counts: dict[str, int],
       "--format, --timestamp-unit and the column mapping, or raise --bad-rows-threshold.")
 
 
+def summary_rows(info: features.DatasetInfo) -> list[tuple[str, str, int]]:
+  """The dataset's counts as ``(key, label, count)``: the step's summary, the run report."""
+  c = info.counts
+  return [
+      ("rows_read", "rows read", c.get("rows_read", 0)),
+      ("rows_kept", "rows kept", c.get("rows_kept", 0)),
+      ("rows_quarantined", "rows quarantined", c.get("rows_quarantined", 0)),
+      *[(f"quarantined:{kind}", f"quarantined: {kind}", n)
+        for kind, n in sorted(info.quarantine.items())],
+      ("events_oov", "events mapped to OOV", c.get("events_oov", 0)),
+      ("users", "users with examples", info.num_users),
+      ("users_too_few_events", f"users dropped (< {features.MIN_EVENTS_PER_USER} events)",
+       c.get("users_too_few_events", 0)),
+      ("items", "items (vocabulary, excl. PAD/OOV)", info.num_items),
+      *[(f"examples:{s}", f"{s} examples", n) for s, n in info.num_examples.items()],
+  ]
+
+
 def summary_markdown(info: features.DatasetInfo) -> str:
   """A short Markdown summary for the KFP ``Markdown`` artifact and the CLI."""
-  c = info.counts
-  read = max(c.get("rows_read", 0), 1)
+  read = max(info.counts.get("rows_read", 0), 1)
   lines = [
       "## Preprocessed sequence dataset",
       "",
@@ -464,16 +499,8 @@ def summary_markdown(info: features.DatasetInfo) -> str:
       "",
       "| | count |",
       "|---|---:|",
-      f"| rows read | {c.get('rows_read', 0):,} |",
-      f"| rows kept | {c.get('rows_kept', 0):,} |",
-      f"| rows quarantined | {c.get('rows_quarantined', 0):,} "
-      f"({c.get('rows_quarantined', 0) / read:.2%}) |",
-      *[f"| quarantined: {kind} | {n:,} |" for kind, n in sorted(info.quarantine.items())],
-      f"| events mapped to OOV | {c.get('events_oov', 0):,} |",
-      f"| users with examples | {info.num_users:,} |",
-      f"| users dropped (< {features.MIN_EVENTS_PER_USER} events) | "
-      f"{c.get('users_too_few_events', 0):,} |",
-      f"| items (vocabulary, excl. PAD/OOV) | {info.num_items:,} |",
   ]
-  lines += [f"| {s} examples | {n:,} |" for s, n in info.num_examples.items()]
+  for key, label, n in summary_rows(info):
+    share = f" ({n / read:.2%})" if key == "rows_quarantined" else ""
+    lines.append(f"| {label} | {n:,}{share} |")
   return "\n".join(lines) + "\n"

@@ -62,12 +62,36 @@ def test_labels_and_layout(built, name):
   labels = inspect["Config"]["Labels"]
   assert labels["org.opencontainers.image.title"] == f"recml-{name}"
   assert labels["org.opencontainers.image.revision"]
+  assert labels["org.opencontainers.image.source"] == images.DOCKERFILE
+  assert labels["org.opencontainers.image.description"].startswith("RecML ")
+  key, value = images.BUILD_LABEL.split("=")
+  assert labels[key] == value
+  # What each image's own stage adds, as the former per-image Dockerfiles had it.
+  assert ("ai.recml.accelerator" in labels) == (name == "trainer")
+  assert ("TF_CPP_MIN_LOG_LEVEL=1" in inspect["Config"]["Env"]) == (
+      name in ("preprocess", "trainer"))
+  assert set(inspect["Config"].get("ExposedPorts") or {}) == (
+      {"8080/tcp"} if name == "serving" else set())
   assert any(e.startswith("PATH=/opt/venv/bin:") for e in inspect["Config"]["Env"])
   # No pip cache, no compilers, no build trees in the final image.
   out = docker_run(built[name], "sh", "-c",
                    "ls -d ~/.cache/pip /root/.cache/pip /build 2>/dev/null; "
                    "command -v gcc cc g++ make || true").stdout
   assert out.strip() == ""
+
+
+def test_build_leaves_no_untagged_images(built):
+  # build_images.sh prunes what its builds left: no untagged image with the build label
+  # (older versions of a tag, the stages of the other images) and no untagged stage
+  # holding a second copy of a venv.
+  untagged = subprocess.run(
+      ["docker", "image", "ls", "--quiet", "--filter", "dangling=true",
+       "--filter", f"label={images.BUILD_LABEL}"],
+      check=True, capture_output=True, text=True).stdout.split()
+  assert untagged == []
+  ids = {subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}}", ref], check=True,
+                        capture_output=True, text=True).stdout.strip() for ref in built.values()}
+  assert len(ids) == len(images.IMAGES)  # four different images, one per name
 
 
 def test_trainer_cpu_image_has_no_cuda(built):
@@ -98,6 +122,14 @@ def test_preprocess_entrypoint_without_beam_boot(built):
   # Dataflow passes only harness flags; without the boot binary that must fail clearly.
   result = docker_run(built["preprocess"], "--id=1", check=False)
   assert result.returncode == 2 and "Beam boot binary" in result.stderr
+
+
+def test_serving_image_holds_the_server_and_nothing_heavy(built):
+  out = docker_run(built["serving"], "python", "-c",
+                   "import importlib.util as u, serving.server, serving.cli; "
+                   "print([m for m in ('tensorflow', 'flax', 'kfp', 'apache_beam') "
+                   "if u.find_spec(m)])").stdout
+  assert out.strip().splitlines()[-1] == "[]"
 
 
 def test_tools_image_is_light(built):

@@ -60,7 +60,8 @@ def test_smoke_pipeline_in_the_images(built, tmp_path, capsys, monkeypatch):
 def _serving_image_answers(image: str, bundle: str) -> None:
   """The deployed bundle in the serving image, on the Vertex AI custom-container contract
   (routes and port from AIP_* variables), answers as the bundle does in this process."""
-  from pipelines import serve  # pylint: disable=g-import-not-at-top
+  from serving import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
+  from serving import protocol  # pylint: disable=g-import-not-at-top
   from trainers import export  # pylint: disable=g-import-not-at-top
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -94,10 +95,10 @@ def _serving_image_answers(image: str, bundle: str) -> None:
     with urllib.request.urlopen(request, timeout=30) as r:
       answer = json.loads(r.read())
     loaded = export.load_bundle(bundle)
-    predictor = export.Predictor(loaded, (1, 2))
-    rows = serve.parse_body(json.dumps(body).encode(), loaded, serve.Limits())
+    predictor = predictor_lib.Predictor(loaded, (1, 2))
+    rows = protocol.parse_body(json.dumps(body).encode(), loaded, protocol.Limits())
     for row, got, (scores, ids) in zip(rows, answer["predictions"],
-                                       serve.run_rows(predictor, rows)):
+                                       predictor_lib.run_rows(predictor, rows)):
       assert got["items"] == loaded.raw_ids(ids[:row.k])
       np.testing.assert_allclose(got["scores"], scores[:row.k], rtol=1e-5, atol=1e-6)
     assert len(answer["predictions"][0]["items"]) == 5

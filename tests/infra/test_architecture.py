@@ -1,6 +1,8 @@
 """The layering of the packages (CONTRIBUTING.md): `trainers/` is a library that works
-without any pipeline machinery, so it never imports `components`, `pipelines` or `kfp`;
-`components/` never imports `pipelines`. Checked on the source with `ast`: every import,
+without any pipeline machinery, so it never imports `components`, `pipelines`, `serving`
+or `kfp`; `serving/` (the model server) builds on `trainers` only, never on `components`,
+`pipelines` or `kfp` (the serving image has no KFP); `components/` never imports
+`pipelines`. Checked on the source with `ast`: every import,
 at module level or inside a function, relative imports resolved, and
 importlib.import_module / __import__ calls with a literal name."""
 
@@ -14,7 +16,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 FORBIDDEN = {
-    "trainers": {"components", "pipelines", "kfp"},
+    "trainers": {"components", "pipelines", "serving", "kfp"},
+    "serving": {"components", "pipelines", "kfp"},
     "components": {"pipelines"},
 }
 
@@ -84,3 +87,15 @@ def test_the_checker_sees_every_kind_of_import(tmp_path):
       "from . import sibling\n")
   bad = _violations("trainers", tmp_path)
   assert [b.split(": ")[0] for b in bad] == [f"trainers/sub/m.py:{n}" for n in (2, 4, 6, 7)], bad
+
+
+def test_the_checker_knows_the_serving_layer(tmp_path):
+  """serving may import trainers, not components or pipelines; trainers never serving."""
+  for package, source in (("trainers", "import numpy\nfrom serving import registry\n"),
+                          ("serving", "from trainers import export\nfrom . import protocol\n"
+                                      "import components.deploy\nfrom pipelines import env\n")):
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "m.py").write_text(source)
+  assert _violations("trainers", tmp_path) == ["trainers/m.py:2: imports serving"]
+  assert _violations("serving", tmp_path) == ["serving/m.py:3: imports components.deploy",
+                                              "serving/m.py:4: imports pipelines"]

@@ -12,6 +12,8 @@ import pathlib
 import re
 import shutil
 import subprocess
+import sys
+import tomllib
 
 import pytest
 import yaml
@@ -37,7 +39,7 @@ def _infra_files() -> list[pathlib.Path]:
 
 
 SCRIPTS = _files("*.sh")
-DOCKERFILES = {p.parent.name: p for p in (ROOT / "containers").glob("*/Dockerfile")}
+DOCKERFILE = ROOT / images.DOCKERFILE
 
 
 def _read(rel: str) -> str:
@@ -47,6 +49,7 @@ def _read(rel: str) -> str:
 def _install_deps():
   spec = importlib.util.spec_from_file_location("install_deps", ROOT / "containers/install_deps.py")
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
   spec.loader.exec_module(module)
   return module
 
@@ -120,6 +123,9 @@ def test_kind_and_kfp_are_pinned():
 
 
 def test_accelerator_constraints():
+  # The Dockerfile copies them to requirements/, where install_deps.plan names them.
+  assert "COPY requirements/constraints.txt containers/trainer/constraints-*.txt " \
+      "requirements/" in DOCKERFILE.read_text()
   cpu = _read("containers/trainer/constraints-cpu.txt")
   assert not re.search(r"^(nvidia|jax-cuda)", cpu, re.M | re.I)
   for acc in ("cuda", "tpu"):
@@ -133,50 +139,99 @@ def test_accelerator_constraints():
 
 # --- image names and Dockerfiles -----------------------------------------------------------
 
-def test_one_dockerfile_per_image():
-  assert sorted(DOCKERFILES) == sorted(images.IMAGES)
+def _stages(text: str) -> list[tuple[str, str | None, str]]:
+  """(base, stage name or None, the stage's instructions) for each FROM of a Dockerfile."""
+  starts = [m for m in re.finditer(r"^FROM (\S+)(?: AS (\S+))?$", text, re.M)]
+  ends = [m.start() for m in starts[1:]] + [len(text)]
+  return [(m.group(1), m.group(2), text[m.end():end]) for m, end in zip(starts, ends)]
 
 
-def test_image_names_match_components_images():
-  known = {f"recml-{n}" for n in images.IMAGES} | {"recml-base"}
-  seen = set()
-  for path in _infra_files():
-    # An image reference: recml-NAME: followed by a tag (0.1.0, $tag, ${_TAG}).
-    for name in re.findall(r"\brecml-([a-z]+):(?=[0-9$])", path.read_text(errors="ignore")):
-      assert f"recml-{name}" in known, f"{path.relative_to(ROOT)}: unknown image recml-{name}"
-      seen.add(name)
-  assert seen >= set(images.IMAGES)
-  # The build and Kind scripts take the names and tag from components/images.py itself.
-  for script in ("infra/build_images.sh", "infra/kind/up.sh"):
-    assert 'runpy.run_path("components/images.py")' in _read(script)
+def test_one_dockerfile_with_a_stage_per_image():
+  dockerfiles = [p for p in _files("*Dockerfile*") if "containers" in p.parts or
+                 p.parent == ROOT]
+  assert dockerfiles == [DOCKERFILE], "every image comes from containers/Dockerfile"
+  stages = _stages(DOCKERFILE.read_text())
+  names = [name for _, name, _ in stages]
+  assert set(images.IMAGES) <= set(names)
+  # The image is chosen by the build arg IMAGE: the last stage is the selected one.
+  assert stages[-1][0] == "${IMAGE}" and not stages[-1][2].strip()
+  assert re.search(r"^ARG IMAGE$", DOCKERFILE.read_text(), re.M)
+  # What each image installs: install_deps.IMAGES, for the same names.
+  assert sorted(_install_deps().IMAGES) == sorted(images.IMAGES)
 
 
-@pytest.mark.parametrize("name", sorted(DOCKERFILES))
-def test_dockerfile(name):
-  text = DOCKERFILES[name].read_text()
-  assert f'org.opencontainers.image.title="recml-{name}"' in text
+def test_dockerfile():
+  text = DOCKERFILE.read_text()
+  assert 'org.opencontainers.image.title="recml-${IMAGE}"' in text
   assert 'org.opencontainers.image.revision="${REVISION}"' in text
+  assert f'org.opencontainers.image.source="{images.DOCKERFILE}"' in text
   assert re.search(r"^ARG BASE_IMAGE=recml-base:bookworm$", text, re.M)
-  stages = re.findall(r"^FROM (\S+)", text, re.M)
-  assert stages[-1] == "${BASE_IMAGE}" and len(stages) >= 2, "multi-stage, final on the base"
-  final = text[text.rindex("\nFROM "):]
-  users = re.findall(r"^USER (\S+)", final, re.M)
-  assert users and users[-1] not in ("root", "0", "0:0"), "the final stage runs as non-root"
-  assert "COPY --from=builder /opt/venv /opt/venv" in final
-  assert "PATH=/opt/venv/bin:" in final
-  assert "PIP_NO_CACHE_DIR=1" in text and "install_deps.py" in text
-  assert re.search(r'^ENTRYPOINT \["/usr/local/bin/recml-entrypoint"\]$', final, re.M)
+  stages = _stages(text)
+  by_name = {name: (base, body) for base, name, body in stages if name}
+  # Every image is the one chain app -> its own stage -> the selected stage.
+  assert by_name["app"][0] == "${BASE_IMAGE}"
+  for name in images.IMAGES:
+    base, body = by_name[name]
+    assert base == "app", name
+    assert re.search(r"^LABEL org\.opencontainers\.image\.description=", body, re.M), name
+    assert not re.search(r"^(RUN|USER|ENTRYPOINT|CMD) ", body, re.M), name
+  # Every stage that does not start from another stage carries the build label, so the
+  # build can prune what it made (and only that).
+  label = "LABEL " + images.BUILD_LABEL
+  for base, name, body in stages[:-1]:
+    if base not in by_name:
+      assert body.lstrip().startswith(label + "\n"), f"stage {name} lacks {label}"
+  app = by_name["app"][1]
+  users = re.findall(r"^USER (\S+)", app, re.M)
+  assert users and users[-1] not in ("root", "0", "0:0"), "the images run as non-root"
+  assert 'install_deps.py --image "$IMAGE" --accelerator "$ACCELERATOR"' in app
+  assert "rm -rf /build" in app and "PATH=/opt/venv/bin:" in app
+  assert "PIP_NO_CACHE_DIR=1" in app
+  assert re.search(r'^ENTRYPOINT \["/usr/local/bin/recml-entrypoint"\]$', app, re.M)
+  # Each package the wheel holds (pyproject.toml) is copied into the build.
+  packages = tomllib.loads(_read("pyproject.toml"))["tool"]["setuptools"]["packages"]
+  for pattern in packages["find"]["include"]:
+    package = pattern.rstrip("*")
+    assert f"COPY {package} /build/{package}\n" in app, f"{package}/ is not copied"
   assert not re.search(r"^\s*(ENV|ARG)\s+\S*(KEY|TOKEN|SECRET|PASSWORD|CREDENTIALS)",
                        text, re.M | re.I)
   # No compilers or build tools are installed anywhere.
   assert not re.search(r"apt-get install|build-essential|\bgcc\b", text)
+  # Per image, as the four Dockerfiles had it.
+  assert "COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam" in by_name["preprocess"][1]
+  assert "EXPOSE 8080" in by_name["serving"][1]
+  assert 'ai.recml.accelerator="${ACCELERATOR}"' in by_name["trainer"][1]
+  for name in ("preprocess", "trainer"):
+    assert "ENV TF_CPP_MIN_LOG_LEVEL=1" in by_name[name][1]
 
 
-def test_trainer_accelerators():
-  text = DOCKERFILES["trainer"].read_text()
-  for acc, extra in (("cpu", "cpu"), ("cuda", "cuda12"), ("tpu", "tpu")):
-    assert f"{acc}) jax_extra={extra}" in text
-  assert "--tensorflow-cpu" in text
+def test_install_deps_plans_what_the_former_dockerfiles_installed():
+  deps = _install_deps()
+  # (extras, more requirements, tensorflow-cpu, constraint files) of each former
+  # containers/NAME/Dockerfile's install_deps.py call.
+  for accelerator, extra in (("cpu", "cpu"), ("cuda", "cuda12"), ("tpu", "tpu")):
+    spec, also, constraints = deps.plan("trainer", accelerator)
+    assert (spec.extras, also, spec.tensorflow_cpu, constraints) == (
+        ("train",), ["kfp", f"jax[{extra}]"], True,
+        [f"requirements/constraints-{accelerator}.txt"])
+    assert (ROOT / f"containers/trainer/constraints-{accelerator}.txt").is_file()
+  expected = {"preprocess": (("preprocess",), ["kfp"], True),
+              "tools": (("pipelines",), [], False),
+              "serving": (("serve",), ["jax[cpu]"], False)}
+  for name, want in expected.items():
+    spec, also, constraints = deps.plan(name)
+    assert (spec.extras, also, spec.tensorflow_cpu) == want and constraints == []
+  for image, accelerator in (("tools", "cuda"), ("nope", "cpu"), ("trainer", "rocm")):
+    with pytest.raises(SystemExit, match=accelerator if image != "nope" else "nope"):
+      deps.plan(image, accelerator)
+
+
+def test_install_deps_finds_cuda_packages():
+  deps = _install_deps()
+  assert deps.cuda_packages(["jax", "jaxlib", "numpy", "tensorflow-cpu"]) == []
+  assert deps.cuda_packages(["nvidia-cublas-cu12", "jax", "jax_cuda12_plugin", "cupy-cuda12x",
+                             "NVIDIA-nccl-cu12"]) == [
+      "NVIDIA-nccl-cu12", "cupy-cuda12x", "jax_cuda12_plugin", "nvidia-cublas-cu12"]
 
 
 def test_dockerignore_is_an_allow_list():
@@ -187,7 +242,7 @@ def test_dockerignore_is_an_allow_list():
   assert not any(a.startswith((".venv", ".git", "runs", "data", "workdirs", "infra/env"))
                  for a in allowed)
   for needed in ("pyproject.toml", "requirements/constraints.txt", "components", "pipelines",
-                 "trainers", "containers"):
+                 "serving", "trainers", "containers"):
     assert needed in allowed
 
 
@@ -199,7 +254,9 @@ def test_cloudbuild_builds_and_pushes_every_image():
   assert sorted(steps) == sorted(images.IMAGES)
   for name, step in steps.items():
     args = step["args"]
-    assert args[args.index("-f") + 1] == f"containers/{name}/Dockerfile"
+    assert args[args.index("-f") + 1] == images.DOCKERFILE
+    assert f"IMAGE={name}" in args
+    assert any(a.startswith("ACCELERATOR=") for a in args) == (name == "trainer")
     tag = f"${{_REGISTRY}}/recml-{name}:${{_TAG}}"
     assert args[args.index("-t") + 1] == tag
     assert "REVISION=${_REVISION}" in args

@@ -422,7 +422,7 @@ def test_bigquery_merge_is_the_key_under_concurrent_writers(bq_client):
 def test_scheduled_runs_retrain_on_new_data_and_ties_are_not_redeployed(tmp_path, monkeypatch):
   from pipelines import cli  # pylint: disable=g-import-not-at-top
   from pipelines import local as local_lib  # pylint: disable=g-import-not-at-top
-  from trainers import export  # pylint: disable=g-import-not-at-top
+  from serving import registry as registry_lib  # pylint: disable=g-import-not-at-top
   monkeypatch.delenv("RECML_STORE_URI", raising=False)
   monkeypatch.delenv("RECML_PIPELINE_ROOT", raising=False)
   monkeypatch.delenv("RECML_REGISTRY", raising=False)
@@ -459,7 +459,7 @@ def test_scheduled_runs_retrain_on_new_data_and_ties_are_not_redeployed(tmp_path
   assert gate2["decision"] == "blessed" and "champion_run_id" not in gate2
   assert gate2["dataset_id"] == meta2["dataset_id"]
   assert versions() == ["0001", "0002"]
-  assert export.current(str(root / "registry"))["labels"]["dataset_id"] == meta2["dataset_id"]
+  assert registry_lib.current(str(root / "registry"))["labels"]["dataset_id"] == meta2["dataset_id"]
 
   # Unchanged data: the same identity, a model that ties week 2's: not redeployed.
   steps3, meta3, gate3 = run("week-3")
@@ -467,4 +467,4 @@ def test_scheduled_runs_retrain_on_new_data_and_ties_are_not_redeployed(tmp_path
   assert gate3["decision"] == "tie" and gate3["champion_run_id"] == "week-2", gate3
   assert steps3["deploy"]["status"] == "skipped"
   assert versions() == ["0001", "0002"]
-  assert export.current(str(root / "registry"))["run_id"] == "week-2"
+  assert registry_lib.current(str(root / "registry"))["run_id"] == "week-2"

@@ -22,7 +22,9 @@ import jax
 import numpy as np
 import pytest
 
-from pipelines import cli, serve
+from pipelines import cli
+from serving import device as device_lib
+from serving import registry as registry_lib
 from tests.reliability.serving_drills import KINDS, fuzz_and_load, kill_drill
 from tests.serving.conftest import MAX_LEN, export_tiny, free_port, request, train_tiny
 from tests.serving.conftest import dataset  # pylint: disable=unused-import  (a fixture)
@@ -201,7 +203,7 @@ def test_killed_device_process_is_restarted(server, dataset, record_property):
 
 
 def test_restart_backoff_is_exponential_and_bounded():
-  backoff = serve.Backoff(first=0.5, cap=30.0)
+  backoff = device_lib.Backoff(first=0.5, cap=30.0)
   assert [backoff.delay(n) for n in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
 
 
@@ -246,13 +248,13 @@ def test_fuzz_and_load_never_answers_5xx(server, dataset):
                                   "a/..", "", "a\0b", "vocab//", "a/../"])
 def test_hostile_blob_names_are_refused(name, tmp_path):
   with pytest.raises(ValueError, match="unsafe blob name"):
-    serve.safe_relpath(name)
+    registry_lib.safe_relpath(name)
   listed = "bundles/v1/" + name  # as listed under the bundle's prefix
   if name:
     with pytest.raises(ValueError, match="unsafe blob name"):
-      serve.blob_path(str(tmp_path), "bundles/v1/", listed)
+      registry_lib.blob_path(str(tmp_path), "bundles/v1/", listed)
   else:  # the prefix itself: a folder placeholder, nothing to write
-    assert serve.blob_path(str(tmp_path), "bundles/v1/", listed) is None
+    assert registry_lib.blob_path(str(tmp_path), "bundles/v1/", listed) is None
 
 
 def test_blob_names_map_inside_the_destination(tmp_path):
@@ -267,11 +269,11 @@ def test_blob_names_map_inside_the_destination(tmp_path):
       "bundles/v1/": None, "bundles/v1/vocab/": None,
   }
   for name, want in cases.items():
-    assert serve.blob_path(dest, "bundles/v1/", name) == want, name
+    assert registry_lib.blob_path(dest, "bundles/v1/", name) == want, name
   for name in ("bundles/v1//etc/passwd", "bundles/v1/../v2/x", "bundles/v1/a/../../../x",
                "bundles/v10/x", "other/model.stablehlo", "bundles/v1/link/escape"):
     with pytest.raises(ValueError, match="blob"):
-      serve.blob_path(dest, "bundles/v1/", name)
+      registry_lib.blob_path(dest, "bundles/v1/", name)
   # the reference for the mapped ones: inside dest once resolved (what the old rule missed:
   # os.path.join(dest, "/etc/passwd") is /etc/passwd)
   for want in filter(None, cases.values()):

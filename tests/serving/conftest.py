@@ -88,12 +88,12 @@ class Server:
 
   def __init__(self, bundle: str, **kwargs):
     from aiohttp import web
-    from pipelines import serve
+    from serving import server
     self.port = free_port()
     self.url = f"http://127.0.0.1:{self.port}"
     self.loop = asyncio.new_event_loop()
     # three length buckets (the bundles' max_len is 12): short histories run short
-    self.app = serve.make_app(bundle, **{"buckets": (1, 2, 4, 8), "length_buckets": (4, 8),
+    self.app = server.make_app(bundle, **{"buckets": (1, 2, 4, 8), "length_buckets": (4, 8),
                                          **kwargs})
     self.runner = web.AppRunner(self.app)
     self.loop.run_until_complete(self.runner.setup())

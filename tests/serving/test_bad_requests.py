@@ -112,11 +112,12 @@ def test_a_dead_device_process_is_reported_not_hung(bundles, start_server):
   """If the model's process dies, requests get a 503 saying so with Retry-After, and health
   turns unready while it restarts; nothing waits forever, nothing answers 500.
   (Recovery: tests/reliability/test_serving_faults.py.)"""
-  from pipelines import serve  # pylint: disable=g-import-not-at-top
-  slow = serve.Backoff(first=30)  # stays down for the length of this test
+  from serving import device as device_lib  # pylint: disable=g-import-not-at-top
+  from serving import server as server_lib  # pylint: disable=g-import-not-at-top
+  slow = device_lib.Backoff(first=30)  # stays down for the length of this test
   server = start_server(bundles["sasrec"], buckets=(1, 2), backoff=slow)
   assert server.post({"instances": [{"items": [1000]}]})[0] == 200
-  device = serve.app_state(server.app)["supervisor"].device
+  device = server_lib.app_state(server.app)["supervisor"].device
   device.process.kill()
   device.process.join(10)
   for route, data in (("/predict", b'{"instances": [{"items": [1000]}]}'), ("/health", None)):

@@ -10,7 +10,11 @@ import yaml
 
 from components import deploy as deploy_step
 from pipelines import cli, dag
+from pipelines import env as env_lib
 from pipelines.env import Env
+from serving import predictor as predictor_lib
+from serving import registry as registry_lib
+from serving import server
 from trainers import export
 
 REGISTRY = "europe-west4-docker.pkg.dev/my-project/recml"
@@ -41,10 +45,10 @@ def test_bundle_is_data_only(bundles):
 
 def test_predictor_runs_every_bucket_without_recompiling(bundles):
   bundle = export.load_bundle(bundles["sasrec"])
-  predictor = export.Predictor(bundle, (1, 2, 4))
+  predictor = predictor_lib.Predictor(bundle, (1, 2, 4))
   predictor.warmup()
   compiled = predictor._call._cache_size()  # pylint: disable=protected-access
-  x = export.right_align([[2, 3, 4]] * 3, bundle.max_len)
+  x = predictor_lib.right_align([[2, 3, 4]] * 3, bundle.max_len)
   scores, ids = predictor.run(x, x, x, x)
   assert scores.shape == (3, 20) and ids.dtype == np.int32
   assert not set(ids.ravel()) & {0, 1, 2, 3, 4}  # PAD, OOV and the history excluded
@@ -55,7 +59,7 @@ def test_length_buckets_and_merged_calls_give_the_same_scores(bundles):
   """A history scores the same padded to its length bucket, to max_len, alone or in a
   call merged with other length groups by the cost plan."""
   bundle = export.load_bundle(bundles["hstu"])
-  predictor = export.Predictor(bundle, (1, 2, 4, 8), (3, 6))
+  predictor = predictor_lib.Predictor(bundle, (1, 2, 4, 8), (3, 6))
   assert predictor.length_buckets == (3, 6, 12)
   predictor.warmup()
   assert set(predictor.cost) == {(b, n) for b in (1, 2, 4, 8) for n in (3, 6, 12)}
@@ -65,9 +69,9 @@ def test_length_buckets_and_merged_calls_give_the_same_scores(bundles):
   times = [sorted(rng.integers(10**9, 10**9 + 10**6, len(h)).tolist()) for h in histories]
 
   def one(items, ts, length):
-    x = export.right_align([items], length)
-    t = export.right_align([ts], length)
-    q = export.right_align([ts[1:] + [ts[-1] + 60]], length)
+    x = predictor_lib.right_align([items], length)
+    t = predictor_lib.right_align([ts], length)
+    q = predictor_lib.right_align([ts[1:] + [ts[-1] + 60]], length)
     return predictor.run(x, t, q, x)
 
   for items, ts in zip(histories, times):
@@ -106,10 +110,10 @@ def test_version_1_bundle_with_a_fixed_length_still_serves(bundles, trained, tmp
   meta["sha256"][export.MODEL_FILE] = export._sha256(str(copy / export.MODEL_FILE))  # pylint: disable=protected-access
   (copy / export.BUNDLE_FILE).write_text(json.dumps(meta))
 
-  v1 = export.Predictor(export.load_bundle(str(copy)), (1, 4))
-  v2 = export.Predictor(export.load_bundle(bundles["sasrec"]), (1, 4))
+  v1 = predictor_lib.Predictor(export.load_bundle(str(copy)), (1, 4))
+  v2 = predictor_lib.Predictor(export.load_bundle(bundles["sasrec"]), (1, 4))
   assert v1.length_buckets == (12,) and v2.length_buckets == (12,)
-  x = export.right_align([[2, 3, 4], [5, 6, 7, 8, 9]], 12)
+  x = predictor_lib.right_align([[2, 3, 4], [5, 6, 7, 8, 9]], 12)
   np.testing.assert_allclose(v1.run(x, x, x, x)[0], v2.run(x, x, x, x)[0], rtol=1e-6)
   meta["format_version"] = 4
   (copy / export.BUNDLE_FILE).write_text(json.dumps(meta))
@@ -137,12 +141,12 @@ def test_registry_versions_and_current(bundles, tmp_path):
   first = deploy_step.run_local(bundles["sasrec"], registry, run_id="r1")
   second = deploy_step.run_local(bundles["hstu"], registry, run_id="r2")
   assert (first["version"], second["version"]) == ("0001", "0002")
-  current = export.current(registry)
+  current = registry_lib.current(registry)
   assert current["version"] == "0002" and current["model"] == "hstu" and current["run_id"] == "r2"
   assert export.load_bundle(current["path"]).meta["model"] == "hstu"
-  assert len(open(os.path.join(registry, export.REGISTRY_HISTORY)).readlines()) == 2
+  assert len(open(os.path.join(registry, registry_lib.REGISTRY_HISTORY)).readlines()) == 2
   with pytest.raises(FileNotFoundError, match="no deployed model"):
-    export.current(str(tmp_path / "empty"))
+    registry_lib.current(str(tmp_path / "empty"))
 
 
 def test_registry_of_a_local_run(tmp_path, monkeypatch):
@@ -157,21 +161,33 @@ def test_registry_of_a_local_run(tmp_path, monkeypatch):
 
 
 def test_cli_deploy_then_serve_resolves_the_current_model(bundles, tmp_path, monkeypatch):
-  from pipelines import serve
   monkeypatch.delenv("AIP_STORAGE_URI", raising=False)
   registry = str(tmp_path / "reg")
   assert cli.main(["deploy", "--bundle", bundles["sasrec"], "--registry", registry]) == 0
-  assert serve.resolve_bundle(None, registry) == os.path.join(registry, "models", "0001")
+  assert registry_lib.resolve_bundle(None, registry) == os.path.join(registry, "models", "0001")
   monkeypatch.setenv("RECML_REGISTRY", registry)
-  assert serve.resolve_bundle(None, None) == os.path.join(registry, "models", "0001")
-  assert serve.resolve_bundle("/explicit", None) == "/explicit"
+  assert registry_lib.resolve_bundle(None, None) == os.path.join(registry, "models", "0001")
+  assert registry_lib.resolve_bundle("/explicit", None) == "/explicit"
+
+
+def test_default_registry_is_in_the_pipelines_local_root(tmp_path, monkeypatch):
+  """`recml serve` (serving, which cannot import pipelines) finds the registry where the
+  local pipeline's deploy step puts it."""
+  for name in ("RECML_REGISTRY", "RECML_PIPELINE_ROOT"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.chdir(tmp_path)
+  assert registry_lib.default_registry() == str(tmp_path / env_lib.DEFAULT_LOCAL_ROOT /
+                                                "registry")
+  monkeypatch.setenv("RECML_PIPELINE_ROOT", "elsewhere")
+  assert registry_lib.default_registry() == str(tmp_path / "elsewhere" / "registry")
+  monkeypatch.setenv("RECML_REGISTRY", "/srv/registry")
+  assert registry_lib.default_registry() == "/srv/registry"
 
 
 def test_vertex_contract_environment(monkeypatch):
-  from pipelines import serve
-  assert serve.routes_from_env({}) == (8080, "/health", "/predict")
-  assert serve.routes_from_env({"AIP_HTTP_PORT": "7000", "AIP_HEALTH_ROUTE": "/v1/h",
-                                "AIP_PREDICT_ROUTE": "/v1/p"}) == (7000, "/v1/h", "/v1/p")
+  assert server.routes_from_env({}) == (8080, "/health", "/predict")
+  assert server.routes_from_env({"AIP_HTTP_PORT": "7000", "AIP_HEALTH_ROUTE": "/v1/h",
+                                 "AIP_PREDICT_ROUTE": "/v1/p"}) == (7000, "/v1/h", "/v1/p")
 
 
 # -- Vertex: the requests ----------------------------------------------------------------

@@ -87,3 +87,21 @@ def test_fixed_normalizer_weighs_positions_equally_across_batches():
   assert float(whole) == pytest.approx(float(parts), rel=1e-6)
   mean = losses.sampled_softmax_loss(*args(slice(0, 4)))
   assert float(whole) == pytest.approx(float(mean) * weights.sum() / 24.0, rel=1e-6)
+
+
+def test_binary_cross_entropy_equals_numpy_weighted_mean_plus_regularizer():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=12).astype(np.float32) * 4
+  labels = rng.integers(0, 2, 12).astype(np.float32)
+  weights = np.r_[np.ones(9), np.zeros(3)].astype(np.float32)  # 3 padding rows
+  p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  per_row = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+  want = np.sum(weights * per_row) / 9
+  got = losses.binary_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(weights))
+  assert float(got) == pytest.approx(want, rel=1e-5)
+  reg = losses.binary_cross_entropy(jnp.asarray(logits), jnp.asarray(labels),
+                                    jnp.asarray(weights), regularization=jnp.float32(0.25))
+  assert float(reg) == pytest.approx(want + 0.25, rel=1e-5)
+  # Far-out logits stay finite (no log of a rounded-to-1 probability).
+  extreme = losses.binary_cross_entropy(jnp.asarray([60.0, -60.0]), jnp.asarray([0.0, 1.0]))
+  assert float(extreme) == pytest.approx(60.0, rel=1e-6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from trainers.models.dlrm import DLRM, DLRMConfig, PRESETS as _DLRM_PRESETS
 from trainers.models.hstu import HSTU, HSTUConfig
 from trainers.models.sasrec import SASRec, SASRecConfig
 
@@ -14,6 +15,10 @@ _REGISTRY: dict[str, tuple[Callable, type, dict[str, Any]]] = {
     "hstu": (HSTU, HSTUConfig, {}),
     "hstu-large": (HSTU, HSTUConfig, dict(num_blocks=8, num_heads=2,
                                           attention_dim=25, linear_dim=25)),
+    # ranking (CTR) models; their trainer settings: trainers.models.dlrm.TRAIN_PRESETS
+    "dlrm-v2": (DLRM, DLRMConfig, _DLRM_PRESETS["dlrm-v2"]),
+    "dcnv2": (DLRM, DLRMConfig, _DLRM_PRESETS["dcnv2"]),
+    "dlrm": (DLRM, DLRMConfig, _DLRM_PRESETS["dlrm"]),
 }
 MODELS = tuple(_REGISTRY)
 
@@ -22,6 +27,13 @@ def _entry(name: str):
   if name not in _REGISTRY:
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
   return _REGISTRY[name]
+
+
+def task_of(name: str) -> str:
+  """The task a model serves: its config class's ``TASK`` (``retrieval`` unless it says
+  ``ranking``); :mod:`trainers.tasks` holds what differs between the two."""
+  _, config_cls, _ = _entry(name)
+  return getattr(config_cls, "TASK", "retrieval")
 
 
 def model_config(name: str, **overrides: Any):

@@ -101,7 +101,7 @@ def test_header_only_file_fails_with_a_message(tmp_path):
 
 def test_direct_and_dataflow_pipeline_options():
   assert pipeline.pipeline_flags() == [
-      "--runner=DirectRunner", "--direct_num_workers=1", "--direct_running_mode=in_memory"]
+      "--runner=FnApiRunner", "--direct_num_workers=1", "--direct_running_mode=in_memory"]
   flags = pipeline.pipeline_flags(
       "DataflowRunner", project="p", region="europe-west4", temp_location="gs://b/tmp",
       machine_type="n2-highmem-8", sdk_container_image="europe-docker.pkg.dev/p/r/pre:1",
