@@ -6,8 +6,8 @@ with several seeds, each in a fresh process (`recml train`), and reports test AU
 log loss at the epoch selected on validation AUC: every seed, then mean and sample
 standard deviation. Prints a Markdown table and writes benchmarks/results/ranking.md.
 
-    .venv/bin/python benchmarks/ranking_quality.py                       # dcnv2 + dlrm, 3 seeds
-    .venv/bin/python benchmarks/ranking_quality.py --models dcnv2 --seeds 2021
+    .venv/bin/python benchmarks/ranking_quality.py                  # dcnv2 3 seeds, dlrm 1
+    .venv/bin/python benchmarks/ranking_quality.py --models dcnv2:1 --seeds 2021
 
 Published (BARS, FuxiCTR; test at the best validation epoch, embedding 10, Adam 1e-3,
 batch 4096, early stopping on validation AUC with patience 2): DCN-V2 0.9845 / 0.1491
@@ -56,7 +56,8 @@ def spread(values: list[float]) -> str:
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--models", nargs="+", default=["dcnv2", "dlrm"])
+  parser.add_argument("--models", nargs="+", default=["dcnv2", "dlrm:1"],
+                      help="MODEL or MODEL:N (only the first N of --seeds)")
   parser.add_argument("--seeds", nargs="+", type=int, default=[2021, 2022, 2023])
   parser.add_argument("--epochs", type=int, default=100,
                       help="upper bound; early stopping on validation AUC ends runs")
@@ -85,9 +86,11 @@ def main() -> int:
   ]
   summary = ["", "| model | seeds | test AUC (mean ± sd) | test log loss (mean ± sd) | "
              "published AUC / log loss | published 5-seed mean |", "|---|---|---|---|---|---|"]
-  for model in args.models:
+  for spec in args.models:
+    model, _, count = spec.partition(":")
+    seeds = args.seeds[:int(count)] if count else args.seeds
     aucs, lls = [], []
-    for seed in args.seeds:
+    for seed in seeds:
       workdir = os.path.join(args.out, f"{model}-seed{seed}")
       print(f"== {model} seed {seed} -> {workdir}", flush=True)
       m = train(model, data, workdir, args.epochs, args.extra + [f"seed={seed}"])
@@ -100,10 +103,10 @@ def main() -> int:
     pub = PUBLISHED.get(model)
     published = f"{pub[0]} / {pub[1]}" if pub else "—"
     mean5 = f"{pub[2]} / {pub[3]}" if pub and pub[2] else "—"
-    summary.append(f"| {model} | {len(args.seeds)} | {spread(aucs)} | {spread(lls)} | "
+    summary.append(f"| {model} | {len(seeds)} | {spread(aucs)} | {spread(lls)} | "
                    f"{published} | {mean5} |")
-  lines += summary + ["", "Settings:"] + [f"- `{m}`: {NOTES[m]}" for m in args.models
-                                           if m in NOTES]
+  models = [spec.partition(":")[0] for spec in args.models]
+  lines += summary + ["", "Settings:"] + [f"- `{m}`: {NOTES[m]}" for m in models if m in NOTES]
   text = "\n".join(lines) + "\n"
   print(text, flush=True)
   os.makedirs(os.path.dirname(args.results), exist_ok=True)

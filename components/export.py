@@ -33,8 +33,9 @@ def run(model_dir: str, bundle_dir: str, data_dir: str | None = None,
 
 def bundle_metadata(record: dict[str, Any]) -> dict[str, Any]:
   """Artifact metadata of the bundle (shown in the KFP / Vertex UIs)."""
-  meta = {k: record[k] for k in ("model", "max_len", "max_k", "item_vocab_size",
-                                  "item_id_type", "format", "format_version")}
+  keys = ("model", "max_len", "max_k", "item_vocab_size", "item_id_type", "format",
+          "format_version", "task")
+  meta = {k: record[k] for k in keys if k in record}  # ranking: no item vocabulary
   meta["platforms"] = ",".join(record["platforms"])
   meta["framework"] = "jax.export (StableHLO)"
   for name, value in record["source"].get("valid", {}).items():
@@ -50,7 +51,8 @@ def export(model: Input[Model], dataset: Input[Dataset], bundle: Output[Model],
 
   Args:
     model: the training work directory.
-    dataset: the sequence dataset (for the item vocabulary).
+    dataset: the dataset (sequence: the item vocabulary; ranking: its features and
+      vocabularies, copied into the bundle).
     bundle: the serving bundle (jax.export StableHLO, weights, vocabulary, config).
     max_k: the largest ``k`` a request may ask for.
 

@@ -11,8 +11,16 @@ import html
 import os
 from typing import Any, Mapping, Sequence
 
-METRIC_ORDER = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr")
-HEADLINE = ("hr@10", "ndcg@10", "mrr")
+METRIC_ORDER = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr",
+                "auc", "logloss", "accuracy", "ne", "calibration", "label_rate", "count")
+HEADLINE = ("hr@10", "ndcg@10", "mrr", "auc", "logloss")  # those of each task that exist
+# Per task: the metrics drawn per epoch (valid and test) and the throughput's log key.
+TRAINING_CURVES = {
+    "retrieval": ((("ndcg@10", "NDCG@10"), ("hr@10", "HR@10")), "sequences_per_second",
+                  "sequences/s"),
+    "ranking": ((("auc", "AUC"), ("logloss", "Log loss")), "examples_per_second",
+                "examples/s"),
+}
 SPLIT_LABELS = {"valid": "validation (selected epoch)", "test": "test (selected checkpoint)",
                 "best_test": "test, best epoch (for comparison with papers only)"}
 COLORS = ("#1a73e8", "#d93025", "#188038", "#f9ab00", "#9334e6", "#12b5cb")
@@ -84,8 +92,13 @@ def cards(items: Sequence[tuple[str, Any]], css: Sequence[str] = ()) -> str:
 
 
 def svg_line_chart(series: Mapping[str, Sequence[tuple[float, float]]], title: str,
-                   width: int = 460, height: int = 240, x_label: str = "epoch") -> str:
-  """A self-contained SVG line chart: one polyline per named series of (x, y) points."""
+                   width: int = 460, height: int = 240, x_label: str = "epoch",
+                   x_ticks: Sequence[float] | None = None, markers: bool = True) -> str:
+  """A self-contained SVG line chart: one polyline per named series of (x, y) points.
+
+  ``x_ticks``: the labelled x values (default: up to 8 of the points' x values);
+  ``markers``: a dot (with its value as a tooltip) at each point.
+  """
   points = [p for s in series.values() for p in s]
   pad_l, pad_r, pad_t, pad_b = 52, 12, 24, 34
   out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -118,7 +131,8 @@ def svg_line_chart(series: Mapping[str, Sequence[tuple[float, float]]], title: s
                'stroke="#eee"/>')
     out.append(f'<text x="{pad_l - 4}" y="{sy(y) + 4:.1f}" text-anchor="end" '
                f'font-size="10">{y:.4g}</text>')
-  for x in sorted(set(xs))[:: max(1, len(set(xs)) // 8)]:
+  ticks = x_ticks if x_ticks is not None else sorted(set(xs))[:: max(1, len(set(xs)) // 8)]
+  for x in ticks:
     out.append(f'<text x="{sx(x):.1f}" y="{pad_t + plot_h + 14}" text-anchor="middle" '
                f'font-size="10">{x:g}</text>')
   out.append(f'<text x="{pad_l + plot_w / 2}" y="{height - 4}" text-anchor="middle" '
@@ -127,7 +141,7 @@ def svg_line_chart(series: Mapping[str, Sequence[tuple[float, float]]], title: s
     color = COLORS[i % len(COLORS)]
     coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
     out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{coords}"/>')
-    for x, y in pts:
+    for x, y in pts if markers else ():
       out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}">'
                  f'<title>{esc(name)} {esc(x_label)} {x:g}: {y:.5g}</title></circle>')
     out.append(f'<text x="{pad_l + 8}" y="{pad_t + 14 + 13 * i}" font-size="11" '
@@ -171,16 +185,24 @@ def curve(log: Sequence[Mapping[str, Any]], *keys: str) -> list[tuple[float, flo
   return pts
 
 
-def training_charts(log: Sequence[Mapping[str, Any]]) -> str:
-  """The training curves of a ``log.jsonl``: loss, NDCG@10, HR@10 and throughput."""
-  charts = [
-      svg_line_chart({"train loss": curve(log, "train_loss")}, "Training loss"),
-      svg_line_chart({"valid ndcg@10": curve(log, "valid", "ndcg@10"),
-                      "test ndcg@10": curve(log, "test", "ndcg@10")}, "NDCG@10 per epoch"),
-      svg_line_chart({"valid hr@10": curve(log, "valid", "hr@10"),
-                      "test hr@10": curve(log, "test", "hr@10")}, "HR@10 per epoch"),
-      svg_line_chart({"sequences/s": curve(log, "sequences_per_second")}, "Throughput"),
-  ]
+def log_task(log: Sequence[Mapping[str, Any]]) -> str:
+  """The task of a training log: ``ranking`` when it reports examples/s, else retrieval."""
+  return "ranking" if any("examples_per_second" in row for row in log) else "retrieval"
+
+
+def training_charts(log: Sequence[Mapping[str, Any]], task: str | None = None) -> str:
+  """The training curves of a ``log.jsonl``: loss, the task's two headline metrics on
+  valid and test (NDCG@10 and HR@10; AUC and log loss), and throughput.
+
+  ``task``: ``retrieval`` or ``ranking``; default: :func:`log_task`.
+  """
+  pairs, rate_key, rate_label = TRAINING_CURVES[task or log_task(log)]
+  charts = [svg_line_chart({"train loss": curve(log, "train_loss")}, "Training loss")]
+  for name, label in pairs:
+    charts.append(svg_line_chart({f"valid {name}": curve(log, "valid", name),
+                                  f"test {name}": curve(log, "test", name)},
+                                 f"{label} per epoch"))
+  charts.append(svg_line_chart({rate_label: curve(log, rate_key)}, "Throughput"))
   return f'<div class="charts">{"".join(charts)}</div>'
 
 

@@ -22,8 +22,9 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from components import kfp_step
 
-# Metrics copied into artifact metadata (and so shown in the KFP/Vertex UIs).
-HEADLINE = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")
+# Metrics copied into artifact metadata (and so shown in the KFP/Vertex UIs); those of
+# the model's task are present (retrieval: hr/ndcg/mrr; ranking: auc, logloss).
+HEADLINE = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr", "auc", "logloss")
 
 
 def run(data_dir: str, workdir: str, model: str = "sasrec",
@@ -69,6 +70,10 @@ def model_metadata(result: dict[str, Any]) -> dict[str, Any]:
           **{f"model.{k}": v for k, v in config.get("model_config", {}).items()
              if isinstance(v, (int, float, str, bool))}},
   }
+  if metrics.get("task") == "ranking":  # no items or users: rows of features
+    del meta["item_vocab_size"], meta["num_users"]
+    meta.update(task="ranking", examples_per_second=metrics.get("examples_per_second"),
+                label_rate=dict(info.get("label_rate") or {}))
   for split in ("valid", "test"):
     for name in HEADLINE:
       value = metrics.get(split, {}).get(name)

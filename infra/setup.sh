@@ -15,6 +15,15 @@ if [ -z "$py" ]; then
 fi
 [ -n "$py" ] || { echo "setup: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-"$venv/bin/python" -m pip install -q --upgrade "pip>=24" setuptools wheel
-"$venv/bin/python" -m pip install -q -c requirements/constraints.txt -e ".[${extras}]"
+# pip's own output (deprecation and index-config warnings included) goes to a log; the
+# terminal gets one line, or the log's tail when the install fails.
+log="$venv/setup.log"
+echo "setup: installing into $venv (extras: $extras; pip log: $log; ~3 min on a fresh machine)"
+if ! { "$venv/bin/python" -m pip install -q --upgrade "pip>=24" setuptools wheel &&
+       "$venv/bin/python" -m pip install -q -c requirements/constraints.txt -e ".[${extras}]"; } \
+     >"$log" 2>&1; then
+  tail -n 40 "$log" >&2
+  echo "setup: pip install failed (full log: $log)" >&2
+  exit 1
+fi
 echo "setup: $venv ready ($("$venv/bin/python" --version); extras: $extras)"

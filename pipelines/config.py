@@ -5,9 +5,12 @@ A config has the sections below (every key optional; ``DEFAULTS`` holds the rest
     name: ml1m-sasrec          # run ids start with it
     dataset: ml-1m             # display label; champions are per dataset *identity* + model
     data: movielens-1m         # default --data: a path, gs:// / bq:// URI, or a known download
-    preprocess: {format, max_len, min_item_count, bad_rows_threshold, timestamp_unit, runner}
+    preprocess: {task, format, bad_rows_threshold, runner,
+                 max_len, min_item_count, timestamp_unit,                  (sequence task)
+                 label, dense, categorical, multi_hot, multi_hot_separator,  (ranking task)
+                 hash_buckets, min_count, split, split_ratios, split_seed, time_column}
     train: {model, <any TrainConfig field>: value}
-    gate: {metric, k, split, tolerance}
+    gate: {metric, k, guard_metric, split, tolerance}
     vertex: {machine_type, tpu_topology, accelerator_type, accelerator_count, replica_count, ...}
     kfp: {train_cpu, train_memory}
     caching: true
@@ -16,6 +19,12 @@ A config has the sections below (every key optional; ``DEFAULTS`` holds the rest
 ``--set section.key=value`` overrides any entry (values parsed as YAML, so ``2``, ``1e-3``,
 ``true`` get their types); ``train.*`` keys go to the trainer unchecked here, where
 ``trainers.configs.apply_overrides`` validates them.
+
+One DAG serves both tasks; the model decides which (:func:`task`): ``sequence``
+(retrieval: SASRec, HSTU; the preprocess step builds user histories) or ``ranking``
+(CTR: DLRM v2, DCNv2; the preprocess step's ranking parameters are those of
+``recml preprocess --task ranking``, :func:`components.preprocess.ctr_step.run`, and
+the gate is typically ``metric: auc, k: 0, guard_metric: logloss``).
 """
 
 from __future__ import annotations
@@ -34,15 +43,32 @@ DEFAULTS: dict[str, Any] = {
     "dataset": "",
     "data": "",
     "preprocess": {
+        "task": "",                  # sequence | ranking; empty: the model's task
         "format": "",
+        "bad_rows_threshold": 0.01,
+        "runner": "direct",          # direct | dataflow (vertex only)
+        # sequence task
         "max_len": 200,
         "min_item_count": 1,
-        "bad_rows_threshold": 0.01,
         "timestamp_unit": "auto",    # s | ms | us | ns | auto (detected from a sample)
-        "runner": "direct",          # direct | dataflow (vertex only)
+        # ranking task (recml preprocess --task ranking; lists or "a,b" strings)
+        "label": "",                 # the 0/1 label column (Criteo's is fixed)
+        "dense": [],                 # numeric columns: log1p, z-score, missing indicator
+        "categorical": [],           # default: every column without another role
+        "multi_hot": [],             # COLUMN:SIZE list columns
+        "multi_hot_separator": "|",
+        "hash_buckets": [],          # N (all) and/or FEATURE=N: hashing instead of a vocabulary
+        "min_count": [],             # N and/or FEATURE=N (default 10 for Criteo, else 2)
+        "split": "auto",             # auto | files | random | time
+        "split_ratios": "",          # TRAIN,VALID,TEST of random/time splits (0.8,0.1,0.1)
+        "split_seed": 0,
+        "time_column": "",           # orders rows for the time split
     },
     "train": {"model": "sasrec"},
-    "gate": {"metric": "ndcg", "k": 10, "split": "valid", "tolerance": 0.0},
+    # k: the cut-off of metrics at K; 0 (or null) for metrics without one (mrr, auc).
+    # guard_metric: a second metric (no cut-off) that may veto a blessing (ranking: logloss).
+    "gate": {"metric": "ndcg", "k": 10, "guard_metric": "", "split": "valid",
+             "tolerance": 0.0},
     "vertex": {
         "machine_type": "ct5lp-hightpu-4t",   # TPU v5e, 4 chips, one host
         "tpu_topology": "2x2",
@@ -59,6 +85,14 @@ DEFAULTS: dict[str, Any] = {
 
 # Sections whose keys are checked against DEFAULTS (``train`` is checked by the trainer).
 _CHECKED = ("preprocess", "gate", "vertex", "kfp")
+TASKS = ("sequence", "ranking")  # the preprocess step's names of the two tasks
+# The preprocess keys of each task (the others must keep their defaults).
+TASK_KEYS = {
+    "sequence": ("max_len", "min_item_count", "timestamp_unit"),
+    "ranking": ("label", "dense", "categorical", "multi_hot", "multi_hot_separator",
+                "hash_buckets", "min_count", "split", "split_ratios", "split_seed",
+                "time_column"),
+}
 
 
 def config_path(name_or_path: str) -> str:
@@ -112,7 +146,8 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 
 def validate(config: Mapping[str, Any]) -> None:
-  """Rejects unknown keys (typos) outside ``train`` and ``labels``."""
+  """Rejects unknown keys (typos) outside ``train`` and ``labels``, bad values, and
+  preprocess settings of the other task than the model's."""
   unknown = sorted(set(config) - set(DEFAULTS))
   for section in _CHECKED:
     unknown += [f"{section}.{k}" for k in set(config.get(section, {})) - set(DEFAULTS[section])]
@@ -127,6 +162,59 @@ def validate(config: Mapping[str, Any]) -> None:
                      f"got {config['preprocess']['timestamp_unit']!r}")
   if not config["train"].get("model"):
     raise ValueError("train.model is required")
+  given = config["preprocess"]["task"]
+  if given and given not in TASKS:
+    raise ValueError(f"preprocess.task must be one of {', '.join(TASKS)}, got {given!r}")
+  want = model_task(config["train"]["model"])
+  if given and given != want:
+    raise ValueError(f"preprocess.task is {given!r} but train.model "
+                     f"{config['train']['model']!r} is a {want} model: remove "
+                     "preprocess.task or choose a model of that task")
+  other = TASK_KEYS["sequence" if want == "ranking" else "ranking"]
+  stray = sorted(k for k in other
+                 if config["preprocess"][k] != DEFAULTS["preprocess"][k])
+  if stray:
+    raise ValueError(f"preprocess.{', preprocess.'.join(stray)} apply to the "
+                     f"{'sequence' if want == 'ranking' else 'ranking'} task only, and "
+                     f"{config['train']['model']!r} is a {want} model")
+  k = config["gate"]["k"]
+  if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+    raise ValueError(f"gate.k must be a cut-off >= 1, or 0/null for none, got {k!r}")
+
+
+def model_task(model: str) -> str:
+  """The preprocess task of a model: ``sequence`` (retrieval models) or ``ranking``."""
+  from trainers import models  # pylint: disable=g-import-not-at-top
+  try:
+    return "ranking" if models.task_of(model) == "ranking" else "sequence"
+  except ValueError as e:
+    raise ValueError(f"train.model: {e}") from e
+
+
+def task(config: Mapping[str, Any]) -> str:
+  """The config's task: ``sequence`` or ``ranking`` (its model's)."""
+  return config["preprocess"]["task"] or model_task(config["train"]["model"])
+
+
+def ranking_parameters(config: Mapping[str, Any]) -> dict[str, Any]:
+  """The ranking preprocess parameters: the keywords of ``ctr_step.run`` as JSON values
+  (lists of strings, ``split_ratios`` a list of numbers; unset ones left out, so the
+  step's defaults apply: KFP parameters cannot be null); empty for the sequence task."""
+  if task(config) != "ranking":
+    return {}
+  out: dict[str, Any] = {}
+  for key in TASK_KEYS["ranking"]:
+    value = config["preprocess"][key]
+    if key == "split_seed":
+      out[key] = int(value)
+    elif key == "split_ratios":
+      parts = value.split(",") if isinstance(value, str) else list(value or [])
+      out[key] = [float(v) for v in parts if str(v).strip()] or None
+    elif isinstance(value, (list, tuple)):
+      out[key] = [str(v) for v in value]
+    else:
+      out[key] = str(value) if value not in (None, "") else None
+  return {k: v for k, v in out.items() if v is not None}
 
 
 def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -147,7 +235,7 @@ def train_overrides(config: Mapping[str, Any]) -> list[str]:
     if isinstance(value, bool):
       value = str(value).lower()
     out.append(f"{key}={value}")
-  if "max_len" not in config["train"]:
+  if "max_len" not in config["train"] and task(config) == "sequence":
     out.append(f"max_len={config['preprocess']['max_len']}")
   return out
 
@@ -171,9 +259,12 @@ def pipeline_parameters(config: Mapping[str, Any], *, data_uri: str, store_uri: 
       "run_id": run_id,
       "labels": {str(k): str(v) for k, v in config["labels"].items()},
       "gate_metric": str(gate["metric"]),
-      "gate_k": int(gate["k"]),
+      "gate_k": int(gate["k"] or 0),
+      "gate_guard_metric": str(gate["guard_metric"] or ""),
       "gate_split": str(gate["split"]),
       "gate_tolerance": float(gate["tolerance"]),
+      "task": task(config),
+      "ranking": ranking_parameters(config),
   }
 
 

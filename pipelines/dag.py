@@ -16,6 +16,12 @@ identity ("blessed"), not one that ties it.
 ``deploy`` is the local registry step on the local/KFP targets and, on Vertex, the
 Model Registry upload + endpoint deployment of :func:`components.deploy.vertex_pipeline_ops`.
 
+The same DAG serves both tasks (``task``): ``sequence`` (retrieval: user histories,
+full-ranking HR/NDCG, gate e.g. on ``ndcg@10``) and ``ranking`` (CTR rows and the
+``ranking`` preprocess parameters, AUC / log loss with a ``ClassificationMetrics``
+artifact from evaluate, gate e.g. on ``auc`` guarded by ``logloss``). Each step reads
+the task from its inputs (the dataset, the model's config); only preprocess is told.
+
 ``build_pipeline(target, ...)`` returns a ``@dsl.pipeline`` function. What differs per
 target is only how steps are placed:
 
@@ -167,6 +173,8 @@ def build_pipeline(target: str = "local", *, env: Env | None = None,
       data_uri: str,
       dataset_name: str = "",
       data_format: str = "",
+      task: str = "sequence",
+      ranking: dict = {},  # pylint: disable=dangerous-default-value
       max_len: int = 200,
       min_item_count: int = 1,
       bad_rows_threshold: float = 0.01,
@@ -179,6 +187,7 @@ def build_pipeline(target: str = "local", *, env: Env | None = None,
       labels: dict = {},  # pylint: disable=dangerous-default-value
       gate_metric: str = "ndcg",
       gate_k: int = 10,
+      gate_guard_metric: str = "",
       gate_split: str = "valid",
       gate_tolerance: float = 0.0,
       serving_registry: str = "",
@@ -187,14 +196,14 @@ def build_pipeline(target: str = "local", *, env: Env | None = None,
     fingerprinted = fingerprint_op(input_uri=data_uri)
     fingerprinted.set_display_name("fingerprint").set_caching_options(False)
 
-    # -- preprocess: raw events -> sequence dataset; returns the dataset identity ---
-    # The fingerprint is an input, so this step's cache key (and every later one's)
-    # changes with the data.
+    # -- preprocess: raw events -> sequence dataset (or CTR rows -> ranking dataset);
+    # returns the dataset identity. The fingerprint is an input, so this step's cache
+    # key (and every later one's) changes with the data.
     prep = preprocess_op(
         input_uri=data_uri, data_format=data_format, max_len=max_len,
         min_item_count=min_item_count, bad_rows_threshold=bad_rows_threshold,
         beam_args=beam_args, fingerprint=fingerprinted.outputs["Output"],
-        timestamp_unit=timestamp_unit)
+        timestamp_unit=timestamp_unit, task=task, ranking=ranking)
     prep.set_display_name("preprocess").set_caching_options(enable_caching)
     dataset_id = prep.outputs["Output"]
 
@@ -211,7 +220,8 @@ def build_pipeline(target: str = "local", *, env: Env | None = None,
       if kfp_resources.get("train_memory"):
         train.set_memory_limit(str(kfp_resources["train_memory"]))
 
-    # -- evaluate: full-ranking metrics at the selected checkpoint + HTML report ---
+    # -- evaluate: metrics at the selected checkpoint (full ranking; or AUC / log loss
+    # with a ClassificationMetrics artifact: ROC curve, confusion matrix) + HTML report
     evaluation = evaluate_op(model=train.outputs["model"], dataset=prep.outputs["dataset"],
                              split="test", title=run_id, dataset_name=dataset_name)
     evaluation.set_display_name("evaluate").set_caching_options(enable_caching)
@@ -230,7 +240,7 @@ def build_pipeline(target: str = "local", *, env: Env | None = None,
     gate = validate_op(
         store_uri=store_uri, run_id=written.output, dataset=dataset_name,
         model_family=model, metric=gate_metric, k=gate_k, split=gate_split,
-        tolerance=gate_tolerance, dataset_id=dataset_id)
+        tolerance=gate_tolerance, dataset_id=dataset_id, guard_metric=gate_guard_metric)
     gate.set_display_name("validate").set_caching_options(False)
 
     # -- blessed models only ---------------------------------------------------------

@@ -45,8 +45,9 @@ IR_FILE = "pipeline.yaml"
 REPORT_FILE = "report.html"  # the run report (pipelines/report.py)
 LOG_DIR = "logs"  # what kfp.local and each step printed (pipelines/run_output.py)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The metrics a run's summary shows (valid/ and test/ of the evaluate step).
-HEADLINE_METRICS = ("hr@10", "ndcg@10", "mrr")
+# The metrics a run's summary shows (valid/ and test/ of the evaluate step): those of
+# the run's task (retrieval: hr@10, ndcg@10, mrr; ranking: auc, logloss).
+HEADLINE_METRICS = ("hr@10", "ndcg@10", "mrr", "auc", "logloss")
 
 
 def _now() -> str:

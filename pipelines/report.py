@@ -139,8 +139,9 @@ def _attempt_start(folder: str, record: Mapping[str, Any]) -> float | None:
 
 
 def _dataset_info(steps: Mapping[str, Mapping[str, Any]]):
-  """The preprocess step's ``DatasetInfo`` and its folder."""
-  from trainers import features  # pylint: disable=g-import-not-at-top
+  """The preprocess step's ``DatasetInfo`` (``RankingInfo`` for the ranking task) and its
+  folder."""
+  from trainers import features, ranking_features  # pylint: disable=g-import-not-at-top
   out = steps.get("preprocess", {}).get("outputs", {}).get("dataset")
   if not out:
     raise LookupError("the preprocess step recorded no dataset")
@@ -148,6 +149,8 @@ def _dataset_info(steps: Mapping[str, Mapping[str, Any]]):
   path = os.path.join(folder, features.DATASET_INFO_FILE)
   record = _read_json(path)
   try:
+    if record.get("task") == ranking_features.TASK:
+      return ranking_features.RankingInfo.from_dict(record), folder
     return features.DatasetInfo.from_dict(record), folder
   except (TypeError, ValueError) as e:
     raise ValueError(f"{path}: {e}") from e
@@ -183,17 +186,25 @@ def _data_section(steps, run_dir: str) -> tuple[str, dict[str, Any]]:
     return _note(f"no data statistics: {e}"), {}
   source = info.source
   label = report_html.data_label(source)
-  read = max(info.counts.get("rows_read", 0), 1)
+  ranking = getattr(info, "task", "") == "ranking"
+  summary = _ranking_rows(info) if ranking else preprocess_step.summary_rows(info)
+  read = max((info.rows if ranking else info.counts).get("rows_read", 0), 1)
   rows, ids = [], []
-  for key, text, n in preprocess_step.summary_rows(info):
+  for key, text, n in summary:
     share = (f"{n / read:.2%}" if key.startswith(("rows_", "quarantined:")) else "")
     rows.append([text, n, share])
     ids.append(f"data-{key}")
   facts = [("data", label), ("input", source.get("input", "")),
            ("format", source.get("format", "")), ("dataset_id", source.get("dataset_id", "")),
-           ("input fingerprint", source.get("fingerprint", "")),
-           ("timestamps", f"input unit {info.source_timestamp_unit}, stored as seconds"),
-           ("max_len", info.max_len), ("min item count", info.params.get("min_item_count", ""))]
+           ("input fingerprint", source.get("fingerprint", ""))]
+  if ranking:
+    facts += [("label", info.label), ("dense features", len(info.dense)),
+              ("categorical features", len(info.categorical)),
+              ("split", (info.params.get("split") or {}).get("kind", ""))]
+  else:
+    facts += [("timestamps", f"input unit {info.source_timestamp_unit}, stored as seconds"),
+              ("max_len", info.max_len),
+              ("min item count", info.params.get("min_item_count", ""))]
   facts_html = "".join(f'<li><b>{esc(k)}</b>: <span id="data-{esc(k.replace(" ", "_"))}">'
                        f"{esc(number(v))}</span></li>" for k, v in facts)
   info_path = os.path.join(folder, features.DATASET_INFO_FILE)
@@ -203,6 +214,18 @@ def _data_section(steps, run_dir: str) -> tuple[str, dict[str, Any]]:
           "</p>")
   return body, {"label": label, "dataset_id": source.get("dataset_id", ""),
                 "folder": folder}
+
+
+def _ranking_rows(info) -> list[tuple[str, str, int]]:
+  """A ranking dataset's counts as ``(key, label, count)`` (rows, quarantine, examples)."""
+  r = info.rows
+  return [("rows_read", "rows read", r.get("rows_read", 0)),
+          ("rows_kept", "rows kept", r.get("rows_kept", 0)),
+          ("rows_quarantined", "rows quarantined", r.get("rows_quarantined", 0)),
+          *[(f"quarantined:{kind}", f"quarantined: {kind}", n)
+            for kind, n in sorted(info.quarantine.items())],
+          *[(f"examples:{s}", f"{s} examples (label rate {info.label_rate.get(s, 0):.4f})", n)
+            for s, n in info.counts.items()]]
 
 
 def _timings_section(run_dir, record) -> tuple[str, float | None]:
@@ -414,7 +437,8 @@ def render_run_report(run_dir: str) -> str:
           f'<h2 id="deployment">Deployment</h2>{deploy_html}'
           f'<h2 id="data">Data</h2>{data_html}'
           f'<h2 id="timings">Step timings</h2>{timings_html}'
-          f'<h2 id="metrics">Metrics at K</h2>{metrics_html}'
+          f'<h2 id="metrics">{"Metrics" if metrics.get("task") == "ranking" else "Metrics at K"}'
+          f"</h2>{metrics_html}"
           f'<h2 id="curves">Training curves</h2>{curves_html}'
           f'<h2 id="lineage">Lineage</h2>{_lineage_section(run, steps, run_dir)}')
   return report_html.page(f"RecML run {run_id}: {model_name} on {data_name}", body,

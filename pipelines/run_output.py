@@ -178,6 +178,10 @@ def step_summary(task: str, outputs: Mapping[str, Any]) -> dict[str, Any]:
     meta = _metadata(outputs, "dataset")
     out = {key: _int(meta.get(f"rows/{key}")) for key in ("rows_read", "rows_kept",
                                                           "rows_quarantined")}
+    if meta.get("task") == "ranking":  # CTR rows: examples per split, no users or items
+      out.update({f"examples/{s}": _int(meta.get(f"examples/{s}"))
+                  for s in ("train", "valid", "test")}, dataset_id=meta.get("dataset_id"))
+      return out
     out.update(users=_int(meta.get("num_users")), items=_int(meta.get("num_items")),
                dataset_id=meta.get("dataset_id"))
     return out
@@ -212,6 +216,11 @@ def summary_text(task: str, summary: Mapping[str, Any]) -> str:
     what = f"{number(entries)} file{'s' if entries != 1 else ''}, " if s.get("kind") == "files" \
         else ""
     return f"{what}{str(s['digest'])[:19]}"
+  if task == "preprocess" and "rows_read" in s and "examples/train" in s:  # ranking
+    return (f"{number(s['rows_read'])} rows read: {number(s.get('rows_kept'))} kept, "
+            f"{number(s.get('rows_quarantined'))} quarantined; "
+            + "/".join(number(s.get(f"examples/{x}")) for x in ("train", "valid", "test"))
+            + f" train/valid/test examples ({s.get('dataset_id')})")
   if task == "preprocess" and "rows_read" in s:
     return (f"{number(s['rows_read'])} rows read: {number(s.get('rows_kept'))} kept, "
             f"{number(s.get('rows_quarantined'))} quarantined; {number(s.get('users'))} users, "
@@ -232,8 +241,8 @@ def summary_text(task: str, summary: Mapping[str, Any]) -> str:
       return text + f" vs champion {s['champion_run_id']} {number(s.get('champion_value'))}"
     return text + " (no champion yet)"
   if task == "export" and "format_version" in s:
-    return (f"bundle format {s['format_version']}, top {s.get('max_k')}, "
-            f"for {s.get('platforms')}")
+    top = f"top {s['max_k']}, " if "max_k" in s else ""  # a ranking bundle scores rows
+    return f"bundle format {s['format_version']}, {top}for {s.get('platforms')}"
   if task == "deploy" and "version" in s:
     return f"version {s['version']}"
   return ", ".join(f"{k} {number(v)}" for k, v in s.items())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import logging
 import os
 import sys
@@ -33,7 +34,8 @@ def _serve_description() -> str:
   """The HTTP contract (:mod:`serving.server`) and the request format
   (:mod:`serving.protocol`), for ``recml serve --help``."""
   contract = server.__doc__.split("\n\n")[:2]
-  request = protocol.__doc__.split("\n\n")[:3]
+  request = itertools.takewhile(lambda p: not p.startswith("A malformed request"),
+                                protocol.__doc__.split("\n\n"))
   return "\n\n".join([*contract, *request])
 
 
@@ -58,6 +60,9 @@ def register(subparsers) -> None:
                  "two from 32 below max_len, then max_len)")
   p.add_argument("--max-instances", type=int, default=protocol.Limits.max_instances,
                  help="most instances per request; more get 400 (default %(default)s)")
+  p.add_argument("--max-candidates", type=int, default=protocol.Limits.max_candidates,
+                 help="ranking: most candidates per instance; more get 400 "
+                 "(default %(default)s)")
   p.add_argument("--max-body-bytes", type=int, default=protocol.Limits.max_body_bytes,
                  help="largest request body in bytes; larger ones get 413 "
                  "(default %(default)s = 1 MiB)")
@@ -74,7 +79,8 @@ def register(subparsers) -> None:
 
   p = subparsers.add_parser("export", help="write the serving bundle of a trained model")
   p.add_argument("--model-dir", required=True, help="training work directory")
-  p.add_argument("--data", help="dataset directory with vocab/items.txt (default: the "
+  p.add_argument("--data", help="dataset directory with vocab/items.txt (ranking: "
+                 "dataset_info.json and vocab/, copied into the bundle; default: the "
                  "config's data_dir)")
   p.add_argument("--output", required=True, help="bundle directory (new or empty)")
   p.add_argument("--max-k", type=int, default=100)
@@ -118,7 +124,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
   if args.cpu_threads == 1 and "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
                                "=false intra_op_parallelism_threads=1").strip()
-  limits = protocol.Limits(max_body_bytes=args.max_body_bytes, max_instances=args.max_instances)
+  limits = protocol.Limits(max_body_bytes=args.max_body_bytes, max_instances=args.max_instances,
+                           max_candidates=args.max_candidates)
   print(f"serving {bundle} on http://{host}:{port} (health {health_route}, predict "
         f"{predict_route}{', naive' if args.naive else ''})", flush=True)
   import uvloop  # pylint: disable=g-import-not-at-top
@@ -133,6 +140,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
   record = export.export_bundle(args.model_dir, args.output, data_dir=args.data,
                                 max_k=args.max_k)
-  print(f"bundle: {args.output} ({record['model']}, max_len {record['max_len']}, "
-        f"max_k {record['max_k']}, {record['item_vocab_size']} ids)")
+  if record["task"] == export.RANKING:
+    names = record["features"]["dense"] + [f["name"] for f in record["features"]["categorical"]]
+    print(f"bundle: {args.output} ({record['model']}, ranking, {len(names)} features: "
+          f"{', '.join(names)})")
+  else:
+    print(f"bundle: {args.output} ({record['model']}, max_len {record['max_len']}, "
+          f"max_k {record['max_k']}, {record['item_vocab_size']} ids)")
   return 0

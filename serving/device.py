@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from serving import predictor as predictor_lib
-from serving.protocol import Row
+from serving.protocol import RankingRow, Row
 from trainers import export
 
 log = logging.getLogger("recml.serve")
@@ -33,6 +33,8 @@ class DeviceUnavailable(RuntimeError):
 
 def pack_rows(rows: Sequence[Row], k: int) -> dict[str, Any]:
   """Rows -> a few flat arrays (cheap to send to the device process)."""
+  if isinstance(rows[0], RankingRow):
+    return predictor_lib.pack_ranking_rows(rows, k)
   return {"lengths": np.array([len(r.items) for r in rows], np.int32),
           "items": np.concatenate([r.items for r in rows]),
           "timestamps": np.concatenate([r.timestamps for r in rows]),
@@ -42,6 +44,8 @@ def pack_rows(rows: Sequence[Row], k: int) -> dict[str, Any]:
 
 def unpack_rows(message: dict[str, Any]) -> list[Row]:
   """:func:`pack_rows`' message -> the rows (views of its arrays)."""
+  if message.get("kind") == "ranking":
+    return predictor_lib.unpack_ranking_rows(message)
   ends = np.cumsum(message["lengths"])
   starts = ends - message["lengths"]
   return [Row(items=message["items"][a:b], timestamps=message["timestamps"][a:b],
@@ -59,7 +63,7 @@ def _device_main(conn, bundle_dir: str, buckets: tuple[int, ...],
   """
   try:
     bundle = export.load_bundle(bundle_dir)
-    predictor = predictor_lib.Predictor(bundle, buckets, length_buckets)
+    predictor = predictor_lib.make_predictor(bundle, buckets, length_buckets)
     predictor.warmup()
   except Exception as e:  # pylint: disable=broad-except
     conn.send(("error", f"{type(e).__name__}: {e}"))

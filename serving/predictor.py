@@ -4,6 +4,12 @@
 bucket) pair and measures each call's cost at warm-up; :func:`run_rows` runs parsed
 requests (:class:`serving.protocol.Row`) with one call per group of similar history
 lengths, merged when the measured costs say one bigger call is cheaper.
+
+A ranking bundle gets a :class:`RankingPredictor` (:func:`make_predictor`): batch
+buckets only; the rows of every instance of a batch (one per candidate) run together,
+in calls of at most the largest bucket, and each instance's scores come back sorted,
+best first, with the candidates' indices, as a retrieval row's top K comes back with
+its item ids (so the batcher and the device process handle both alike).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from serving.protocol import Row
+from serving.protocol import RankingRow, Row
 from trainers import export, features
 
 
@@ -169,6 +175,105 @@ class Predictor:
         self.cost[(size, length)] = min(times)
 
 
+class RankingPredictor:
+  """Runs a ranking bundle on the default device, calls padded to fixed batch buckets.
+
+  ``jax.jit(exported.call)`` compiles once per batch bucket (``warmup`` does all of
+  them): n rows run as ``[smallest bucket >= n]`` (padding rows: zeros, the PAD id),
+  more than the largest bucket as several calls. Rows are independent (batch norm runs
+  on its running averages), so padding and grouping leave the scores unchanged.
+  """
+
+  length_buckets: tuple[int, ...] = ()  # no history lengths (the server reports them)
+
+  def __init__(self, bundle: export.Bundle, buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)):
+    import jax  # pylint: disable=g-import-not-at-top
+    self.bundle = bundle
+    self.buckets = tuple(sorted(set(int(b) for b in buckets)))
+    if not self.buckets or self.buckets[0] < 1:
+      raise ValueError(f"bad buckets {buckets}")
+    self.max_batch = self.buckets[-1]
+    self.inputs = bundle.meta["signature"]["inputs"]
+    self._weights = tuple(jax.device_put(w) for w in bundle.weights)
+    self._call = jax.jit(bundle.exported.call)
+    self.cost: dict[int, float] = {}  # seconds per call of each batch bucket (warmup)
+
+  def bucket(self, n: int) -> int:
+    return _smallest_at_least(self.buckets, n, "batch of")
+
+  def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """``{input name: [n, ...]}`` (the signature's inputs) -> probabilities ``[n]``."""
+    n = len(inputs[self.inputs[0]["name"]])
+    out = np.empty(n, np.float32)
+    for start in range(0, n, self.max_batch):
+      stop = min(n, start + self.max_batch)
+      size = self.bucket(stop - start)
+      args = []
+      for spec in self.inputs:
+        x = np.asarray(inputs[spec["name"]][start:stop], spec["dtype"])
+        args.append(np.pad(x, ((0, size - (stop - start)), (0, 0))) if size > stop - start
+                    else x)
+      out[start:stop] = np.asarray(self._call(self._weights, *args))[:stop - start]
+    return out
+
+  def warmup(self, repeats: int = 3) -> None:
+    """Compiles every batch bucket and measures its cost (fastest of ``repeats``)."""
+    for size in self.buckets:
+      zeros = {s["name"]: np.zeros((size, s["shape"][1]), s["dtype"]) for s in self.inputs}
+      self.run(zeros)
+      times = []
+      for _ in range(repeats):
+        started = time.perf_counter()
+        self.run(zeros)
+        times.append(time.perf_counter() - started)
+      self.cost[size] = min(times)
+
+
+def make_predictor(bundle: export.Bundle, buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+                   length_buckets: Sequence[int] | None = None):
+  """The bundle's predictor: :class:`Predictor` (retrieval) or :class:`RankingPredictor`."""
+  if bundle.task == export.RANKING:
+    return RankingPredictor(bundle, buckets)
+  return Predictor(bundle, buckets, length_buckets)
+
+
+def run_ranking_rows(predictor: RankingPredictor, rows: Sequence[RankingRow]
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Scores ranking rows in one run; per row ``(scores, candidate indices)`` by
+  descending score (ties: the earlier candidate first), padded to the most candidates
+  of the rows with ``-inf`` and ``-1``."""
+  probs = predictor.run({s["name"]: np.concatenate([r.inputs[s["name"]] for r in rows])
+                         for s in predictor.inputs})
+  width = max(r.n for r in rows)
+  out, start = [], 0
+  for row in rows:
+    p = probs[start:start + row.n]
+    start += row.n
+    order = np.argsort(-p, kind="stable")
+    scores = np.full(width, -np.inf, np.float32)
+    ids = np.full(width, -1, np.int32)
+    scores[:row.n], ids[:row.n] = p[order], order
+    out.append((scores, ids))
+  return out
+
+
+def pack_ranking_rows(rows: Sequence[RankingRow], k: int) -> dict[str, Any]:
+  """Ranking rows -> a few flat arrays for the device process (``serving.device``)."""
+  names = list(rows[0].inputs)
+  return {"kind": "ranking", "k": int(k), "n": np.array([r.n for r in rows], np.int64),
+          "candidates": np.array([r.candidates for r in rows], bool),
+          "inputs": {name: np.concatenate([r.inputs[name] for r in rows]) for name in names}}
+
+
+def unpack_ranking_rows(message: dict[str, Any]) -> list[RankingRow]:
+  """:func:`pack_ranking_rows`' message -> the rows (views of its arrays)."""
+  ends = np.cumsum(message["n"])
+  starts = ends - message["n"]
+  return [RankingRow(inputs={k: v[a:b] for k, v in message["inputs"].items()}, n=int(b - a),
+                     candidates=bool(c))
+          for a, b, c in zip(starts, ends, message["candidates"])]
+
+
 def encode(rows: Sequence[Row], length: int, size: int | None = None
            ) -> tuple[np.ndarray, ...]:
   """Rows -> :meth:`Predictor.run`'s four ``[size, length]`` inputs (item ids int32, times
@@ -186,13 +291,17 @@ def encode(rows: Sequence[Row], length: int, size: int | None = None
   return items, ts, qts, exclude
 
 
-def run_rows(predictor: Predictor, rows: Sequence[Row]) -> list[tuple[np.ndarray, np.ndarray]]:
+def run_rows(predictor: Predictor | RankingPredictor, rows: Sequence[Row | RankingRow]
+             ) -> list[tuple[np.ndarray, np.ndarray]]:
   """Scores rows with one device call per length bucket; results in the rows' order.
 
   Rows are grouped by the length bucket of their own history, so a short history is not
   padded to the longest one in the batch (a call's cost grows with its padded length;
   on CPU, SASRec at batch 32 costs 0.09 ms per row at length 32 and 0.53 ms at 200).
+  Ranking rows: :func:`run_ranking_rows`.
   """
+  if isinstance(predictor, RankingPredictor):
+    return run_ranking_rows(predictor, rows)
   groups: dict[int, list[int]] = {}
   for j, row in enumerate(rows):
     groups.setdefault(predictor.length(len(row.items)), []).append(j)

@@ -17,10 +17,40 @@ arrival time; without ``timestamps`` every item is taken to be as recent as the 
 Scores are the trainer's (cosine similarity of user and item vectors); fewer than ``k``
 items come back only when the history excludes nearly the whole catalogue.
 
+Ranking bundles (DLRM v2, DCNv2; ``"task": "ranking"`` in ``bundle.json``) take rows
+of raw feature values and answer click probabilities::
+
+    {"instances": [{"features": {"user": "204", "item": "4798", "daytime": "5041"}},
+                   {"features": {"user": "42", "weekday": "5047"},
+                    "candidates": [{"item": "1572"}, {"item": "4798"}, {"item": "12"}]}]}
+    -> {"predictions": [{"score": 0.91},
+                        {"scores": [{"candidate": 2, "score": 0.63},
+                                    {"candidate": 0, "score": 0.41},
+                                    {"candidate": 1, "score": 0.07}]}]}
+
+An instance: ``features`` (an object: raw feature name -> raw value, the names of the
+dataset's columns) and, to rank a candidate list, ``candidates`` (a list of objects, at
+most ``Limits.max_candidates``: ``--max-candidates``, default 1000): candidate ``j`` is
+the row ``features`` + ``candidates[j]`` (shared user/context features once, item
+features per candidate; a feature may not be in both). A plain instance answers
+``score``, its click probability; a candidate list answers ``scores``, every
+candidate's index in the request and probability, by descending score (ties: the
+earlier candidate first). Values are mapped as in training
+(:func:`trainers.ranking_features.transform_rows`, on the bundle's own vocabularies and
+statistics): categorical values are text or integers (a value missing from a feature's
+vocabulary is out-of-vocabulary; hashed features hash any value), dense values numbers
+or numeric text, multi-hot values lists (or text split at the dataset's separator). A
+feature that is absent, null or ``""`` is missing, as an empty field is in training:
+the missing indicator for dense features, the ``<missing>`` value for categorical ones.
+An unknown feature name or a value of the wrong type (text for a dense feature; a
+float, boolean, list or object for a categorical one) gets a 400 naming the instance,
+the candidate and the feature. Ranking requests take no ``parameters``. The score is
+the trainer's ``sigmoid(model logit)`` for the same row.
+
 A malformed request gets a 400 whose ``error`` says what is wrong (a body over
 ``Limits.max_body_bytes`` a 413); nothing in a request is executed or unpickled.
-:func:`parse_body` turns a body into :class:`Row` s, :func:`prediction` a row's top-K
-into its answer.
+:func:`parse_body` turns a body into :class:`Row` s (ranking: :class:`RankingRow` s),
+:func:`prediction` a row's top-K (ranking: its sorted scores) into its answer.
 """
 
 from __future__ import annotations
@@ -37,6 +67,7 @@ DEFAULT_K = 10
 TIMESTAMP_MAX = 2**63 - 1  # unix seconds, as int64
 INSTANCE_KEYS = ("items", "k", "exclude_history", "timestamps", "query_timestamp")
 PARAMETER_KEYS = ("k", "exclude_history")
+RANKING_INSTANCE_KEYS = ("features", "candidates")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +77,7 @@ class Limits:
   max_body_bytes: int = 1 << 20
   max_instances: int = 64
   max_id_chars: int = 256
+  max_candidates: int = 1000    # ranking: candidates of one instance
 
 
 class RequestError(ValueError):
@@ -67,6 +99,21 @@ class Row:
   query_timestamps: np.ndarray
   exclude_history: bool
   k: int
+
+
+@dataclasses.dataclass
+class RankingRow:
+  """One parsed ranking instance: the model inputs of its ``n`` rows (one, or one per
+  candidate), ``{input name: [n, ...]}`` in the bundle's signature order."""
+
+  inputs: dict[str, np.ndarray]
+  n: int
+  candidates: bool              # a candidate list (answered sorted) or a single row
+
+  @property
+  def k(self) -> int:
+    """The results the device returns for this row: one score per candidate."""
+    return self.n
 
 
 _ID_TYPES = frozenset((int, str))
@@ -114,6 +161,11 @@ def parse_body(body: bytes, bundle, limits: Limits, now: int | None = None) -> l
   params = payload.get("parameters", {})
   if not isinstance(params, dict):
     raise RequestError('"parameters" must be an object')
+  if getattr(bundle, "task", "retrieval") == "ranking":
+    if params:
+      raise RequestError(f"unknown parameter(s) {sorted(params)[:5]}: ranking requests "
+                         "take none")
+    return parse_ranking(instances, bundle, limits)
   unknown = sorted(set(params) - set(PARAMETER_KEYS))
   if unknown:
     raise RequestError(f"unknown parameter(s) {unknown[:5]}; known: {list(PARAMETER_KEYS)}")
@@ -187,8 +239,75 @@ def _parse_instance(inst: Any, i: int, bundle, limits: Limits, defaults: dict[st
              query_timestamps=qts, exclude_history=opts["exclude_history"], k=opts["k"])
 
 
-def prediction(bundle, row: Row, scores: np.ndarray, ids: np.ndarray) -> dict[str, Any]:
-  """One row's answer: its top ``k`` as raw ids and scores, excluded ones (-inf) dropped."""
+def parse_ranking(instances: list[Any], bundle, limits: Limits) -> list[RankingRow]:
+  """Ranking instances -> :class:`RankingRow` s (one transform for the whole request)."""
+  rows: list[dict[str, Any]] = []     # every raw row of the request
+  where: list[str] = []               # and the instance (and candidate) it comes from
+  spans = []
+  for i, inst in enumerate(instances):
+    at = f"instances[{i}]"
+    if not isinstance(inst, dict):
+      raise RequestError(f'{at} must be an object like {{"features": {{"user": "..."}}}}')
+    unknown = sorted(set(inst) - set(RANKING_INSTANCE_KEYS))
+    if unknown:
+      raise RequestError(f"{at}: unknown field(s) {unknown[:5]}; known: "
+                         f"{list(RANKING_INSTANCE_KEYS)}")
+    if not inst:
+      raise RequestError(f'{at} is empty: send "features" (and optionally "candidates")')
+    shared = inst.get("features", {})
+    if not isinstance(shared, dict):
+      raise RequestError(f"{at}.features must be an object of raw feature values")
+    start = len(rows)
+    if "candidates" not in inst:
+      rows.append(shared)
+      where.append(at)
+    else:
+      candidates = inst["candidates"]
+      if not isinstance(candidates, list) or not candidates:
+        raise RequestError(f"{at}.candidates must be a non-empty list of objects")
+      if len(candidates) > limits.max_candidates:
+        raise RequestError(f"{at}.candidates has {len(candidates)} entries; at most "
+                           f"{limits.max_candidates}")
+      for j, candidate in enumerate(candidates):
+        if not isinstance(candidate, dict):
+          raise RequestError(f"{at}.candidates[{j}] must be an object of raw feature values")
+        both = sorted(set(candidate) & set(shared))
+        if both:
+          raise RequestError(f"{at}.candidates[{j}]: feature {both[0]!r} is also in "
+                             f"{at}.features (give each feature once)")
+        rows.append({**shared, **candidate})
+        where.append(f"{at}.candidates[{j}]")
+    spans.append((start, len(rows), "candidates" in inst))
+  try:
+    inputs = bundle.transform(rows)
+  except ValueError:
+    raise RequestError(_first_bad_row(bundle, rows, where)) from None
+  return [RankingRow(inputs={k: v[a:b] for k, v in inputs.items()}, n=b - a, candidates=c)
+          for a, b, c in spans]
+
+
+def _first_bad_row(bundle, rows: list[dict[str, Any]], where: list[str]) -> str:
+  """The error of the first row the transform rejects, named by its place in the
+  request (the slow path: one row at a time)."""
+  for row, at in zip(rows, where):
+    try:
+      bundle.transform([row])
+    except ValueError as e:
+      message = str(e).removeprefix("row 0: ")
+      return f"{at}: {message[:300]}"
+  return "the request's features cannot be transformed"
+
+
+def prediction(bundle, row: Row | RankingRow, scores: np.ndarray, ids: np.ndarray
+               ) -> dict[str, Any]:
+  """One row's answer: its top ``k`` as raw ids and scores, excluded ones (-inf) dropped;
+  ranking: its score, or its candidates' scores (``ids``: candidate indices, by
+  descending score)."""
+  if isinstance(row, RankingRow):
+    if not row.candidates:
+      return {"score": float(scores[0])}
+    return {"scores": [{"candidate": int(c), "score": float(s)}
+                       for s, c in zip(scores[:row.n], ids[:row.n])]}
   keep = np.isfinite(scores[:row.k])
   return {"items": bundle.raw_ids(ids[:row.k][keep]),
           "scores": [float(s) for s in scores[:row.k][keep]]}

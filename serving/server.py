@@ -90,7 +90,7 @@ def make_app(bundle_dir: str, *, health_route: str = DEFAULT_HEALTH_ROUTE,
     started = time.time()
     if naive:
       bundle = export.load_bundle(bundle_dir)
-      predictor = predictor_lib.Predictor(bundle, (1,), length_buckets)
+      predictor = predictor_lib.make_predictor(bundle, (1,), length_buckets)
       predictor.warmup()
       info = {"buckets": predictor.buckets, "length_buckets": predictor.length_buckets}
       state.update(predictor=predictor)
@@ -162,8 +162,11 @@ def make_app(bundle_dir: str, *, health_route: str = DEFAULT_HEALTH_ROUTE,
     if not state["ready"]:
       return error(503, "loading", 1)
     meta = state["bundle"].meta
-    keys = ("model", "max_len", "max_k", "item_vocab_size", "item_id_type", "created",
-            "platforms")
+    if state["bundle"].task == export.RANKING:
+      keys = ("task", "model", "features", "created", "platforms")
+    else:
+      keys = ("model", "max_len", "max_k", "item_vocab_size", "item_id_type", "created",
+              "platforms")
     out = {k: meta.get(k) for k in keys}
     out["buckets"] = list(state["info"]["buckets"])
     out["length_buckets"] = list(state["info"]["length_buckets"])

@@ -4,8 +4,11 @@ This module is the bundle format: writing one (:func:`export_bundle`), reading o
 (:func:`load_bundle`) and checking its files (:func:`verify_bundle_files`). Serving it
 (the predictor, the HTTP server, the model registry) is the ``serving`` package.
 
-A bundle answers "given this user's recent raw item ids, return the top-K raw item ids
-with scores". It is a directory of data files only (no pickle, no Python)::
+A bundle holds one of the two tasks of :mod:`trainers.tasks` (``bundle.json``'s
+``task``). A retrieval bundle answers "given this user's recent raw item ids, return the
+top-K raw item ids with scores"; a ranking bundle (DLRM v2, DCNv2) "given rows of raw
+feature values, return their click probabilities" (see *Ranking bundles* below). It is a
+directory of data files only (no pickle, no Python)::
 
     bundle.json        format, model, shapes (max_len, max_k, vocab), signature, weight
                        names/shapes, sha256 of every file, provenance (workdir, metrics)
@@ -45,6 +48,30 @@ Writing a bundle needs the model code (Flax); loading one needs only ``jax`` and
 ``numpy`` (the serving image has nothing else), which is why Flax and the trainer are
 imported inside :func:`export_bundle` only.
 
+Ranking bundles (``"task": "ranking"``)::
+
+    bundle.json          format, task, model, the input signature, weight names/shapes,
+                         the feature names, sha256 of every file, provenance
+    model.stablehlo      ``jax.export`` artifact, symbolic batch ``b``
+    weights.npz          the model's variables (``params`` and batch-norm ``batch_stats``)
+    dataset_info.json    the dataset's :class:`trainers.ranking_features.RankingInfo`
+                         (feature names and kinds, dense statistics, hash buckets): used
+    vocab/<feature>.txt  the vocabulary of each vocabulary feature: used
+    config.json          the exact TrainConfig (reference only)
+
+The exported function is the trainer's evaluation forward pass
+(``model.apply(variables, batch, deterministic=True)``, batch norm on its running
+averages) followed by the sigmoid::
+
+    serve(weights, dense[b, Nd] f32, dense_missing[b, Nd] f32, sparse[b, Nc] i32,
+          multi_hot/<name>[b, M] i32 ...) -> probabilities[b] f32
+
+with only the inputs the dataset has, in the order of ``signature.inputs`` (the batch
+contract of :class:`trainers.input_pipeline.RankingData`). Serving maps raw feature
+values to these inputs with :func:`trainers.ranking_features.transform_rows` on the
+bundle's own ``dataset_info.json`` and vocabularies: the transform preprocessing applied,
+with no TensorFlow and no dataset directory.
+
 TF SavedModel: not written. Native ``jax2tf`` output (StableHLO inside ``XlaCallModule``)
 of JAX 0.10.2 does not load in TF 2.21 (measured here). ``jax2tf.convert(...,
 native_serialization=False)`` (TF graph ops, no StableHLO) still converts a trivial
@@ -68,10 +95,12 @@ import numpy as np
 from trainers import features
 
 FORMAT = "recml-serving-bundle"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # Versions this code loads: 1 had a fixed history length (max_len), 2 a symbolic one,
-# 3 takes times as int32 words [b, l, 2] (1 and 2: int32 offsets [b, l]).
-LOADABLE_VERSIONS = (1, 2, 3)
+# 3 takes times as int32 words [b, l, 2] (1 and 2: int32 offsets [b, l]), 4 names its
+# task (retrieval or ranking; earlier versions are retrieval).
+LOADABLE_VERSIONS = (1, 2, 3, 4)
+RETRIEVAL, RANKING = "retrieval", "ranking"
 BUNDLE_FILE = "bundle.json"
 MODEL_FILE = "model.stablehlo"
 WEIGHTS_FILE = "weights.npz"
@@ -165,16 +194,22 @@ def export_bundle(workdir: str, out_dir: str, data_dir: str | None = None,
   Args:
     workdir: a training work directory (the train step's Model artifact).
     out_dir: the bundle directory (created; must be empty or absent).
-    data_dir: the dataset directory holding ``vocab/items.txt``; default: the work
-      directory when it has one, else the config's ``data_dir``.
-    max_k: the largest ``k`` a request may ask for (capped at the number of items).
+    data_dir: the dataset directory: for retrieval the one holding ``vocab/items.txt``
+      (default: the work directory when it has one, else the config's ``data_dir``); for
+      ranking the one holding ``dataset_info.json`` and ``vocab/`` (default: the
+      config's ``data_dir``).
+    max_k: the largest ``k`` a request may ask for (capped at the number of items;
+      retrieval only).
     platforms: platforms to lower for.
 
   Returns:
     The bundle's ``bundle.json`` content.
   """
+  from trainers import configs  # pylint: disable=g-import-not-at-top
+  from trainers.checkpoints import load_config_dict  # pylint: disable=g-import-not-at-top
+  if configs.TrainConfig.from_dict(load_config_dict(workdir)).task == RANKING:
+    return export_ranking_bundle(workdir, out_dir, data_dir, platforms)
   from trainers import evaluate  # pylint: disable=g-import-not-at-top
-  from trainers.checkpoints import CONFIG_FILE  # pylint: disable=g-import-not-at-top
   config, model, params, meta = evaluate.load_model(workdir)
   vocab_dir = data_dir
   if vocab_dir is None:
@@ -188,36 +223,23 @@ def export_bundle(workdir: str, out_dir: str, data_dir: str | None = None,
   max_len = config.model_config.max_len
   max_k = max(1, min(int(max_k), vocab_size - features.FIRST_ITEM_ID))
 
-  if os.path.exists(out_dir) and os.listdir(out_dir):
-    raise FileExistsError(f"{out_dir} is not empty")
+  _new_bundle_dir(out_dir)
   os.makedirs(os.path.join(out_dir, "vocab"), exist_ok=True)
   exported, leaves, treedef = export_model(model, params, max_len, max_k, platforms)
-  with open(os.path.join(out_dir, MODEL_FILE), "wb") as f:
-    f.write(exported.serialize())
-  arrays = {_weight_name(i): np.asarray(w) for i, w in enumerate(leaves)}
-  np.savez(os.path.join(out_dir, WEIGHTS_FILE), **arrays)
+  weights = _write_model(out_dir, exported, params, leaves)
   with open(os.path.join(out_dir, VOCAB_FILE), "w", encoding="utf-8") as f:
     f.write("".join(f"{v}\n" for v in vocab))
-  shutil.copyfile(os.path.join(workdir, CONFIG_FILE), os.path.join(out_dir, CONFIG_FILE))
+  _copy_config(workdir, out_dir)
   info = os.path.join(workdir, features.DATASET_INFO_FILE)
   if not os.path.exists(info):
     info = os.path.join(vocab_dir, features.DATASET_INFO_FILE)
   if os.path.exists(info):
     shutil.copyfile(info, os.path.join(out_dir, features.DATASET_INFO_FILE))
 
-  import jax  # pylint: disable=g-import-not-at-top
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  metrics = {}
-  metrics_file = os.path.join(workdir, "metrics.json")
-  if os.path.exists(metrics_file):
-    with open(metrics_file, encoding="utf-8") as f:
-      metrics = json.load(f)
-  files = sorted(
-      os.path.relpath(os.path.join(d, n), out_dir)
-      for d, _, names in os.walk(out_dir) for n in names)
   record = {
       "format": FORMAT,
       "format_version": FORMAT_VERSION,
+      "task": RETRIEVAL,
       "model": config.model,
       "max_len": max_len,
       "max_k": max_k,
@@ -228,26 +250,158 @@ def export_bundle(workdir: str, out_dir: str, data_dir: str | None = None,
           "inputs": {n: ({"shape": ["b", "l", 2], "dtype": "int32", "units": TIME_UNITS}
                          if n in TIME_INPUTS else {"shape": ["b", "l"], "dtype": "int32"})
                      for n in INPUTS},
-          "weights": [{"name": _weight_name(i), "path": p, "shape": list(np.shape(w)),
-                       "dtype": str(np.asarray(w).dtype)}
-                      for i, (p, w) in enumerate(zip(paths, leaves))],
+          "weights": weights,
           "outputs": {"scores": {"shape": ["b", max_k], "dtype": "float32"},
                       "ids": {"shape": ["b", max_k], "dtype": "int32"}},
       },
-      "source": {
-          "workdir": os.path.abspath(workdir),
-          "vocab_dir": os.path.abspath(vocab_dir),
-          "checkpoint_meta": meta,
-          "selected_epoch": metrics.get("selected_epoch"),
-          "valid": metrics.get("valid", {}),
-          "test": metrics.get("test", {}),
-      },
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "sha256": {name: _sha256(os.path.join(out_dir, name)) for name in files},
+      "source": _source(workdir, vocab_dir, meta),
   }
+  return _finish(out_dir, record)
+
+
+def _new_bundle_dir(out_dir: str) -> None:
+  if os.path.exists(out_dir) and os.listdir(out_dir):
+    raise FileExistsError(f"{out_dir} is not empty")
+  os.makedirs(out_dir, exist_ok=True)
+
+
+def _write_model(out_dir: str, exported, tree, leaves) -> list[dict[str, Any]]:
+  """Writes ``model.stablehlo`` and ``weights.npz``; returns the weights' signature."""
+  import jax  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(out_dir, MODEL_FILE), "wb") as f:
+    f.write(exported.serialize())
+  arrays = {_weight_name(i): np.asarray(w) for i, w in enumerate(leaves)}
+  np.savez(os.path.join(out_dir, WEIGHTS_FILE), **arrays)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return [{"name": _weight_name(i), "path": p, "shape": list(np.shape(w)),
+           "dtype": str(np.asarray(w).dtype)} for i, (p, w) in enumerate(zip(paths, leaves))]
+
+
+def _copy_config(workdir: str, out_dir: str) -> None:
+  from trainers.checkpoints import CONFIG_FILE  # pylint: disable=g-import-not-at-top
+  shutil.copyfile(os.path.join(workdir, CONFIG_FILE), os.path.join(out_dir, CONFIG_FILE))
+
+
+def _source(workdir: str, data_dir: str, checkpoint_meta: dict[str, Any] | None
+            ) -> dict[str, Any]:
+  """Provenance: the work directory, the dataset, the selected epoch and its metrics
+  (``checkpoint_meta``: the best checkpoint's record, when at hand)."""
+  metrics = {}
+  metrics_file = os.path.join(workdir, "metrics.json")
+  if os.path.exists(metrics_file):
+    with open(metrics_file, encoding="utf-8") as f:
+      metrics = json.load(f)
+  return {
+      "workdir": os.path.abspath(workdir),
+      "vocab_dir": os.path.abspath(data_dir),
+      "checkpoint_meta": checkpoint_meta,
+      "selected_epoch": metrics.get("selected_epoch"),
+      "valid": metrics.get("valid", {}),
+      "test": metrics.get("test", {}),
+  }
+
+
+def _finish(out_dir: str, record: dict[str, Any]) -> dict[str, Any]:
+  """Adds the creation time and every file's sha256, writes ``bundle.json``."""
+  files = sorted(
+      os.path.relpath(os.path.join(d, n), out_dir)
+      for d, _, names in os.walk(out_dir) for n in names)
+  record["created"] = datetime.datetime.now(
+      datetime.timezone.utc).isoformat(timespec="seconds")
+  record["sha256"] = {name: _sha256(os.path.join(out_dir, name)) for name in files}
   with open(os.path.join(out_dir, BUNDLE_FILE), "w", encoding="utf-8") as f:
     json.dump(record, f, indent=2, sort_keys=True, default=str)
   return record
+
+
+# ---------------------------------------------------------------------------
+# Ranking bundles
+# ---------------------------------------------------------------------------
+
+
+def ranking_inputs(info) -> list[dict[str, Any]]:
+  """The exported ranking function's inputs after the weights, in order: name, shape
+  (``"b"`` symbolic), dtype; only the features the dataset has (a
+  :class:`trainers.ranking_features.RankingInfo`)."""
+  from trainers import ranking_features as rf  # pylint: disable=g-import-not-at-top
+  out = []
+  if info.dense:
+    out += [{"name": n, "shape": ["b", len(info.dense)], "dtype": "float32"}
+            for n in (rf.DENSE, rf.DENSE_MISSING)]
+  if info.scalar_categorical:
+    out.append({"name": rf.SPARSE, "shape": ["b", len(info.scalar_categorical)],
+                "dtype": "int32"})
+  out += [{"name": rf.multi_hot_key(f.name), "shape": ["b", f.multi_hot], "dtype": "int32"}
+          for f in info.multi_hot]
+  return out
+
+
+def ranking_serving_function(model, names: Sequence[str]):
+  """``treedef -> serve(weights, *inputs) -> probabilities [b]``: the trainer's
+  evaluation forward pass (``deterministic=True``) and the sigmoid; ``inputs`` are the
+  batch arrays ``names`` (:func:`ranking_inputs`), ``weights`` the variables' leaves."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def make(treedef):
+    def serve(weights, *inputs):
+      variables = jax.tree.unflatten(treedef, list(weights))
+      logits = model.apply(variables, dict(zip(names, inputs)), deterministic=True)
+      return jax.nn.sigmoid(logits)
+    return serve
+
+  return make
+
+
+def export_ranking_bundle(workdir: str, out_dir: str, data_dir: str | None = None,
+                          platforms: Sequence[str] = PLATFORMS) -> dict[str, Any]:
+  """Writes the ranking bundle of a work directory (see :func:`export_bundle`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax import export  # pylint: disable=g-import-not-at-top
+  from trainers import ranking_features as rf  # pylint: disable=g-import-not-at-top
+  from trainers import ranking_eval  # pylint: disable=g-import-not-at-top
+  # the selected checkpoint, after checking that data_dir is the model's dataset
+  config, task, model, variables = ranking_eval.load_selected(workdir, data_dir)
+  data_dir, info = config.data_dir, task.info
+  rf.load_vocabs(data_dir, info)  # every vocabulary file is there and of the right size
+  inputs = ranking_inputs(info)
+  leaves, treedef = jax.tree.flatten(variables)
+  fn = ranking_serving_function(model, [i["name"] for i in inputs])(treedef)
+  (b,) = export.symbolic_shape("b")
+  args = [jax.ShapeDtypeStruct((b, i["shape"][1]), np.dtype(i["dtype"])) for i in inputs]
+  weights = tuple(jax.ShapeDtypeStruct(np.shape(w), np.asarray(w).dtype) for w in leaves)
+  exported = export.export(jax.jit(fn), platforms=tuple(platforms))(weights, *args)
+
+  _new_bundle_dir(out_dir)
+  weight_specs = _write_model(out_dir, exported, variables, leaves)
+  shutil.copyfile(os.path.join(data_dir, rf.DATASET_INFO_FILE),
+                  os.path.join(out_dir, rf.DATASET_INFO_FILE))
+  vocab_features = [f.name for f in info.categorical if f.kind == rf.VOCAB]
+  if vocab_features:
+    os.makedirs(os.path.join(out_dir, rf.VOCAB_DIR))
+  for name in vocab_features:
+    shutil.copyfile(os.path.join(data_dir, rf.vocab_file(name)),
+                    os.path.join(out_dir, rf.vocab_file(name)))
+  _copy_config(workdir, out_dir)
+  record = {
+      "format": FORMAT,
+      "format_version": FORMAT_VERSION,
+      "task": RANKING,
+      "model": config.model,
+      "platforms": list(exported.platforms),
+      "features": {
+          "label": info.label,
+          "dense": info.dense_names,
+          "categorical": [{"name": f.name, "kind": f.kind, "multi_hot": f.multi_hot}
+                          for f in info.categorical],
+      },
+      "signature": {
+          "inputs": inputs,
+          "weights": weight_specs,
+          "outputs": {"probabilities": {"shape": ["b"], "dtype": "float32"}},
+      },
+      "source": _source(workdir, data_dir, None),
+  }
+  return _finish(out_dir, record)
 
 
 # ---------------------------------------------------------------------------
@@ -261,15 +415,23 @@ class BundleError(ValueError):
 
 @dataclasses.dataclass
 class Bundle:
-  """A loaded bundle: the deserialised model, its weights and the item vocabulary."""
+  """A loaded bundle: the deserialised model, its weights and what maps raw values to
+  its inputs (retrieval: the item vocabulary; ranking: the dataset's features)."""
 
   path: str
   meta: dict[str, Any]
   exported: Any                 # jax.export.Exported (None: loaded with model=False)
   weights: tuple[np.ndarray, ...]
-  vocab: list[str]
+  vocab: list[str]              # retrieval: raw item id of each index ([] for ranking)
   index: dict[Any, int]         # raw id -> item index (admitted items only); canonical
                                 # integer ids are keyed by both their str and int form
+  ranking_info: Any = None      # ranking: trainers.ranking_features.RankingInfo
+  ranking_vocabs: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+
+  @property
+  def task(self) -> str:
+    """``retrieval`` or ``ranking`` (bundles before version 4 are retrieval)."""
+    return self.meta.get("task", RETRIEVAL)
 
   @property
   def max_len(self) -> int:
@@ -278,6 +440,11 @@ class Bundle:
   @property
   def max_k(self) -> int:
     return int(self.meta["max_k"])
+
+  @property
+  def input_names(self) -> list[str]:
+    """Ranking: the exported function's inputs after the weights, in order."""
+    return [i["name"] for i in self.meta["signature"]["inputs"]]
 
   def lookup(self, raw_ids: Sequence[Any]) -> list[int]:
     """Raw ids (str or int, not bool or float) -> item indices; unknown ids map to OOV."""
@@ -288,6 +455,18 @@ class Bundle:
     """Item indices -> raw ids (ints when the vocabulary is all integers)."""
     raw = [self.vocab[int(i)] for i in indices]
     return [int(r) for r in raw] if self.meta.get("item_id_type") == "int" else raw
+
+  def transform(self, rows: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Ranking: raw feature rows (dicts) -> the exported function's inputs ``{name:
+    [n, ...]}`` (:func:`trainers.ranking_features.transform_rows`, ids as int32).
+
+    Raises:
+      ValueError: a bad value or an unknown feature, naming the row and the feature.
+    """
+    from trainers import ranking_features as rf  # pylint: disable=g-import-not-at-top
+    out = rf.transform_rows(rows, self.ranking_info, self.ranking_vocabs)
+    return {n: out[n].astype(np.int32) if out[n].dtype == np.int64 else out[n]
+            for n in self.input_names}
 
 
 def _read_meta(path: str) -> dict[str, Any]:
@@ -300,7 +479,15 @@ def _read_meta(path: str) -> dict[str, Any]:
   if meta.get("format") != FORMAT or meta.get("format_version") not in LOADABLE_VERSIONS:
     raise BundleError(f"{path}: format {meta.get('format')!r} v{meta.get('format_version')}, "
                       f"expected {FORMAT!r} v{'/'.join(map(str, LOADABLE_VERSIONS))}")
+  if meta.get("task", RETRIEVAL) not in (RETRIEVAL, RANKING):
+    raise BundleError(f"{path}: unknown task {meta.get('task')!r}")
   return meta
+
+
+def _required_files(meta: dict[str, Any]) -> tuple[str, ...]:
+  if meta.get("task", RETRIEVAL) == RANKING:
+    return (MODEL_FILE, WEIGHTS_FILE, features.DATASET_INFO_FILE)
+  return (MODEL_FILE, WEIGHTS_FILE, VOCAB_FILE)
 
 
 def _check_digests(path: str, meta: dict[str, Any]) -> None:
@@ -313,16 +500,18 @@ def _check_digests(path: str, meta: dict[str, Any]) -> None:
 def load_bundle(path: str, verify: bool = True, model: bool = True) -> Bundle:
   """Reads a bundle directory; ``verify`` checks every file's sha256 against bundle.json.
 
-  ``model=False`` reads the metadata and vocabulary only (no JAX import): ``exported`` is
-  None and ``weights`` empty.
+  ``model=False`` reads the metadata and vocabularies only (no JAX import): ``exported``
+  is None and ``weights`` empty.
   """
   meta = _read_meta(path)
-  for name in (MODEL_FILE, WEIGHTS_FILE, VOCAB_FILE):
+  for name in _required_files(meta):
     if not os.path.isfile(os.path.join(path, name)):
       raise BundleError(f"{path}: {name} is missing")
   if verify:
     _check_digests(path, meta)
   exported, weights = _load_model(path, meta) if model else (None, ())
+  if meta.get("task", RETRIEVAL) == RANKING:
+    return _ranking_bundle(path, meta, exported, weights)
   vocab = features.load_item_vocab(path)
   if len(vocab) != int(meta["item_vocab_size"]):
     raise BundleError(f"{path}: {VOCAB_FILE} has {len(vocab)} ids, bundle.json says "
@@ -334,6 +523,22 @@ def load_bundle(path: str, verify: bool = True, model: bool = True) -> Bundle:
       index[int(raw)] = i
   return Bundle(path=os.path.abspath(path), meta=meta, exported=exported, weights=weights,
                 vocab=vocab, index=index)
+
+
+def _ranking_bundle(path: str, meta: dict[str, Any], exported, weights) -> Bundle:
+  """A ranking bundle's features (``dataset_info.json``, ``vocab/``), checked against its
+  signature."""
+  from trainers import ranking_features as rf  # pylint: disable=g-import-not-at-top
+  try:
+    info = rf.load_info(path)
+    vocabs = rf.load_vocabs(path, info)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise BundleError(f"{path}: its features cannot be read: {type(e).__name__}: {e}") from None
+  if ranking_inputs(info) != meta["signature"]["inputs"]:
+    raise BundleError(f"{path}: {rf.DATASET_INFO_FILE} does not match the model's inputs "
+                      f"{meta['signature']['inputs']}")
+  return Bundle(path=os.path.abspath(path), meta=meta, exported=exported, weights=weights,
+                vocab=[], index={}, ranking_info=info, ranking_vocabs=vocabs)
 
 
 def _load_model(path: str, meta: dict[str, Any]):
@@ -348,7 +553,9 @@ def _load_model(path: str, meta: dict[str, Any]):
   except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
     raise BundleError(f"{path}: {WEIGHTS_FILE} is unreadable: {type(e).__name__}: {e}") from None
   expected = exported.in_avals[:len(weights)]
-  if len(exported.in_avals) != len(weights) + len(INPUTS) or any(
+  inputs = (len(meta["signature"]["inputs"]) if meta.get("task") == RANKING
+            else len(INPUTS))
+  if len(exported.in_avals) != len(weights) + inputs or any(
       tuple(a.shape) != w.shape or a.dtype != w.dtype for a, w in zip(expected, weights)):
     raise BundleError(f"{path}: weights.npz does not match the exported model's inputs")
   return exported, weights
@@ -362,7 +569,7 @@ def _load_model(path: str, meta: dict[str, Any]):
 def verify_bundle_files(path: str) -> dict[str, Any]:
   """Checks format and sha256 of every file (no JAX needed); returns bundle.json."""
   meta = _read_meta(path)
-  for name in (MODEL_FILE, WEIGHTS_FILE, VOCAB_FILE):
+  for name in _required_files(meta):
     if name not in meta.get("sha256", {}):
       raise BundleError(f"{path}: bundle.json lists no sha256 for {name}")
   _check_digests(path, meta)

@@ -289,11 +289,7 @@ class DatasetInfo:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
   def save(self, data_dir: str) -> str:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    path = os.path.join(data_dir, DATASET_INFO_FILE)
-    with tf.io.gfile.GFile(path, "w") as f:
-      f.write(self.to_json() + "\n")
-    return path
+    return write_dataset_json(data_dir, self.to_json())
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "DatasetInfo":
@@ -313,6 +309,15 @@ class DatasetInfo:
 def load_dataset_info(data_dir: str) -> DatasetInfo:
   """Reads ``dataset_info.json`` of a dataset directory (local or gs://)."""
   return DatasetInfo.from_dict(read_dataset_json(data_dir))
+
+
+def write_dataset_json(data_dir: str, text: str) -> str:
+  """Writes ``dataset_info.json`` (local or gs://) of either task; returns its path."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  path = os.path.join(data_dir, DATASET_INFO_FILE)
+  with tf.io.gfile.GFile(path, "w") as f:
+    f.write(text + "\n")
+  return path
 
 
 def read_dataset_json(data_dir: str) -> dict[str, Any]:

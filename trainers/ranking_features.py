@@ -302,11 +302,7 @@ class RankingInfo:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
   def save(self, data_dir: str) -> str:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    path = os.path.join(data_dir, DATASET_INFO_FILE)
-    with tf.io.gfile.GFile(path, "w") as f:
-      f.write(self.to_json() + "\n")
-    return path
+    return features.write_dataset_json(data_dir, self.to_json())
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "RankingInfo":

@@ -234,10 +234,16 @@ class Ranking(Task):
         regularization=model.apply(variables, method=model.regularization))
     return value, (dict(new_state) if mutable else model_state)
 
-  def make_evaluator(self, model):
+  def make_logits(self, model):
+    """``(variables, batch) -> [B]`` logits, jitted (evaluation and serving mode)."""
     @jax.jit
     def logits(variables, batch):
       return model.apply(variables, batch, deterministic=True)
+
+    return logits
+
+  def make_evaluator(self, model):
+    logits = self.make_logits(model)
 
     def evaluate(variables, data: RankingData) -> dict[str, float]:
       return metrics.binary_compute(binary_state(logits, variables, data))

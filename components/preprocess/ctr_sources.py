@@ -33,7 +33,7 @@ import numpy as np
 from components.preprocess.ctr_spec import (
     CRITEO_FIELDS, CtrSpec, column_names, split_fields)
 from components.preprocess.sources import (
-    DEFAULT_BATCH_ROWS, InputError, bad_row, filesystems, line_blocks)
+    DEFAULT_BATCH_ROWS, InputError, bad_row, content_lines, filesystems, line_blocks)
 from trainers import ranking_features as rf
 
 ROW_FILE_SHIFT = 40        # row key = (file index << 40) + line (or row) number
@@ -270,12 +270,7 @@ def read_file(path: str, file_index: int, spec: CtrSpec, split: str | None = Non
   sep = "\t" if spec.format == "criteo" else spec.delimiter
   for block in line_blocks(path, batch_rows):
     counts = {"rows_read": 0, "blank_lines": 0, "header_lines": 0}
-    for number, text, raw in block:
-      if text is not None:
-        text = text.rstrip("\r")
-        if not text.strip():
-          counts["blank_lines"] += 1
-          continue
+    for number, text, raw in content_lines(block, counts):
       if positions is None:
         if spec.format == "criteo":
           positions = list(range(CRITEO_FIELDS))

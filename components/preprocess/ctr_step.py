@@ -77,12 +77,9 @@ def run(
     batch_rows: int = DEFAULT_BATCH_ROWS,
     runner: str = "DirectRunner",
     project: str | None = None,
-    region: str | None = None,
-    temp_location: str | None = None,
-    machine_type: str | None = None,
-    sdk_container_image: str | None = None,
     bigquery_method: str = "DIRECT_READ",
     pipeline_args: Sequence[str] = (),
+    **cloud: Any,
 ) -> RankingResult:
   """Turns raw CTR rows into the ranking dataset of ``trainers.ranking_features``.
 
@@ -114,8 +111,8 @@ def run(
     bad_rows_threshold: fail when quarantined / read rows exceeds this.
     num_shards: TFRecord shards per split; default from the input size.
     batch_rows: rows per Arrow record batch.
-    runner, project, region, temp_location, machine_type, sdk_container_image,
-      bigquery_method, pipeline_args: as for the sequence dataset
+    runner, project, bigquery_method, pipeline_args, and in ``cloud``: region,
+      temp_location, machine_type, sdk_container_image: as for the sequence dataset
       (:func:`components.preprocess.step.run`).
 
   Returns:
@@ -181,10 +178,8 @@ def run(
     from components.preprocess import preprocessing_fn as pfn  # pylint: disable=g-import-not-at-top
 
     temp_dir = os.path.join(work_dir, ".tmp")
-    options = pipeline.pipeline_options(
-        runner, project=project, region=region, temp_location=temp_location,
-        machine_type=machine_type, sdk_container_image=sdk_container_image,
-        extra_args=pipeline_args)
+    options = pipeline.pipeline_options(runner, project=project, extra_args=pipeline_args,
+                                        **cloud)
     with beam.Pipeline(options=options) as p:
       ctr_pipeline.build(
           p, files=[(f, file_splits.get(f)) for f in files], bigquery=bigquery, spec=spec,

@@ -100,15 +100,12 @@ def run(
     batch_rows: int = sources.DEFAULT_BATCH_ROWS,
     runner: str = "DirectRunner",
     project: str | None = None,
-    region: str | None = None,
-    temp_location: str | None = None,
-    machine_type: str | None = None,
-    sdk_container_image: str | None = None,
     bigquery_method: str = "DIRECT_READ",
     pipeline_args: Sequence[str] = (),
     timestamp_unit: str = "auto",
     task: str = "sequence",
     ranking: Mapping[str, Any] | None = None,
+    **cloud: Any,
 ) -> PreprocessResult:
   """Turns raw events into the sequence dataset of ``trainers.features``.
 
@@ -134,8 +131,8 @@ def run(
     user_encoding: ``"vocabulary"`` or ``"hash"`` (``user_hash_buckets``).
     num_shards: TFRecord shards per split; default from the input size.
     batch_rows: events per Arrow record batch.
-    runner, project, region, temp_location, machine_type, sdk_container_image:
-      Beam runner and Dataflow settings (see ``pipeline.pipeline_flags``).
+    runner, project, and in ``cloud``: region, temp_location, machine_type,
+      sdk_container_image: Beam runner and Dataflow settings (``pipeline.pipeline_flags``).
     bigquery_method: ``DIRECT_READ`` or ``EXPORT``.
     pipeline_args: extra Beam flags.
     timestamp_unit: the unit of integer input timestamps, ``s``, ``ms``, ``us``
@@ -158,10 +155,9 @@ def run(
     return ctr_step.run(
         input_path, output_dir, format=format, delimiter=delimiter, header=header,
         bad_rows_threshold=bad_rows_threshold, num_shards=num_shards,
-        batch_rows=batch_rows, runner=runner, project=project, region=region,
-        temp_location=temp_location, machine_type=machine_type,
-        sdk_container_image=sdk_container_image, bigquery_method=bigquery_method,
-        pipeline_args=pipeline_args, **dict(ranking or {}))
+        batch_rows=batch_rows, runner=runner, project=project,
+        bigquery_method=bigquery_method, pipeline_args=pipeline_args,
+        **dict(ranking or {}), **cloud)
   if task != "sequence":
     raise sources.InputError(f"--task must be sequence or ranking, got {task!r}")
   start = time.perf_counter()
@@ -207,10 +203,8 @@ def run(
 
     temp_dir = os.path.join(work_dir, ".tmp")
 
-    options = beam_pipeline.pipeline_options(
-        runner, project=project, region=region, temp_location=temp_location,
-        machine_type=machine_type, sdk_container_image=sdk_container_image,
-        extra_args=pipeline_args)
+    options = beam_pipeline.pipeline_options(runner, project=project,
+                                             extra_args=pipeline_args, **cloud)
     preprocessing_fn = pfn.make_preprocessing_fn(
         min_item_count=min_item_count, user_encoding=user_encoding,
         user_hash_buckets=user_hash_buckets, side_features=spec.side_columns)

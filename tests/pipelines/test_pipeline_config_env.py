@@ -13,7 +13,7 @@ def test_every_config_loads_and_says_how_to_run_it():
     text = open(config_lib.config_path(name), encoding="utf-8").read()
     assert "Run:" in text and "Reach:" in text, name
     config = config_lib.load_config(name)
-    assert config["train"]["model"] in ("sasrec", "hstu", "hstu-large")
+    assert config["train"]["model"] in ("sasrec", "hstu", "hstu-large", "dcnv2", "dlrm-v2")
 
 
 def test_set_overrides_are_typed_and_nested():

@@ -35,7 +35,7 @@ def test_bundle_is_data_only(bundles):
                                  "config.json", "dataset_info.json"}
   assert meta["signature"]["inputs"]["item_ids"] == {"shape": ["b", "l"], "dtype": "int32"}
   assert meta["signature"]["inputs"]["timestamps"]["shape"] == ["b", "l", 2]  # time words
-  assert meta["format_version"] == 3
+  assert meta["format_version"] == 4 and meta["task"] == "retrieval"
   with np.load(os.path.join(path, export.WEIGHTS_FILE), allow_pickle=False) as npz:
     assert len(npz.files) == len(meta["signature"]["weights"])
   bundle = export.load_bundle(path)
@@ -115,9 +115,9 @@ def test_version_1_bundle_with_a_fixed_length_still_serves(bundles, trained, tmp
   assert v1.length_buckets == (12,) and v2.length_buckets == (12,)
   x = predictor_lib.right_align([[2, 3, 4], [5, 6, 7, 8, 9]], 12)
   np.testing.assert_allclose(v1.run(x, x, x, x)[0], v2.run(x, x, x, x)[0], rtol=1e-6)
-  meta["format_version"] = 4
+  meta["format_version"] = 5
   (copy / export.BUNDLE_FILE).write_text(json.dumps(meta))
-  with pytest.raises(export.BundleError, match="v4, expected"):
+  with pytest.raises(export.BundleError, match="v5, expected"):
     export.load_bundle(str(copy))
 
 

@@ -35,4 +35,5 @@ from components.preprocess.sources.resolve import (
     FOLDER_PATTERNS, MOVIELENS_FILES, detect_format, resolve_format, resolve_input,
     zip_member)
 from components.preprocess.sources.text import (
-    READ_CHUNK_BYTES, line_blocks, open_lines, read_lines, sniff_delimiter, split_lines)
+    READ_CHUNK_BYTES, content_lines, line_blocks, open_lines, read_lines, sniff_delimiter,
+    split_lines)

@@ -81,6 +81,18 @@ def line_blocks(path: str, block_lines: int) -> Iterator[list[tuple[int, str | N
     yield decode(block)
 
 
+def content_lines(block, counts: dict[str, int]) -> Iterator[tuple[int, str | None, bytes]]:
+  """The lines of a :func:`line_blocks` block that hold something: ``\r`` stripped
+  (CRLF files), blank lines skipped and counted in ``counts["blank_lines"]``."""
+  for number, text, raw in block:
+    if text is not None:
+      text = text.rstrip("\r")
+      if not text.strip():
+        counts["blank_lines"] += 1
+        continue
+    yield number, text, raw
+
+
 class _Layout:
   """Field positions of a delimited format, fixed from its first line."""
 
@@ -198,12 +210,7 @@ def read_lines(
     extra = [(cols[c], None) for c in side]
     bad: list[dict[str, Any]] = []
     counts = {"rows_read": 0, "rows_quarantined": 0, "blank_lines": 0, "header_lines": 0}
-    for number, text, raw in block:
-      if text is not None:
-        text = text.rstrip("\r")
-        if not text.strip():
-          counts["blank_lines"] += 1
-          continue
+    for number, text, raw in content_lines(block, counts):
       if layout is None:
         if text is None:
           counts["rows_read"] += 1
