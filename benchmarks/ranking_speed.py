@@ -61,6 +61,7 @@ LEARNING_RATE = 0.005  # MLPerf reference; trainers.models.dlrm.TRAIN_PRESETS["d
 ADAGRAD_EPS = 1e-8
 LABEL_RATE = 0.25
 NUM_BATCHES = 4       # distinct synthetic batches cycled through
+REPLY = "@@ranking_speed "  # prefix of a worker's answer lines (other output is logged)
 # Defaults of the measured run and of the smoke test (--quick).
 FULL = dict(batch_sizes=[2048, 8192], vocab_cap=100_000, warmup=2, breakdown_batch_size=2048)
 QUICK = dict(batch_sizes=[256], vocab_cap=1_000, warmup=1, breakdown_batch_size=0)
@@ -311,14 +312,14 @@ def worker_main(args: argparse.Namespace) -> int:
   build = {"jax": jax_runner, "torchrec": torchrec_runner}[args.worker]
   runner = build(args.variant, args.batch_size, args.vocab_cap)
   warm = runner.run(args.warmup) if args.warmup else 0.0
-  print(json.dumps({"ready": True, "warmup_seconds": warm}), flush=True)
+  print(REPLY + json.dumps({"warmup_seconds": warm}), flush=True)
   for line in sys.stdin:
     if not line.strip():
       continue
     seconds = runner.run(int(line))
-    print(json.dumps({"seconds": seconds}), flush=True)
+    print(REPLY + json.dumps({"seconds": seconds}), flush=True)
   info = dict(runner.info, peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-  print(json.dumps({"info": info}), flush=True)
+  print(REPLY + json.dumps({"info": info}), flush=True)
   return 0
 
 
@@ -336,16 +337,14 @@ class Job:
   variant: str
   batch_size: int
   vocab_cap: int
-  seconds: list[float] = dataclasses.field(default_factory=list)
+  steps: int = 0
+  seconds: list[float] = dataclasses.field(default_factory=list)  # per repeat
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
-  warmup_seconds: float = 0.0
   proc: subprocess.Popen | None = None
 
   @property
   def step_ms(self) -> float:
     return 1000 * statistics.median(self.seconds) / self.steps
-
-  steps: int = 0
 
 
 def ensure_torchrec_venv(path: str) -> str:
@@ -377,11 +376,11 @@ def ensure_torchrec_venv(path: str) -> str:
 
 
 def _read(job: Job) -> dict[str, Any]:
-  """The worker's next JSON line (other output goes to our stderr unchanged)."""
+  """The worker's next answer (its other output goes to our stderr, labelled)."""
   assert job.proc is not None and job.proc.stdout is not None
   for line in job.proc.stdout:
-    if line.startswith("{"):
-      return json.loads(line)
+    if line.startswith(REPLY):
+      return json.loads(line[len(REPLY):])
     sys.stderr.write(f"[{job.label}] {line}")
   raise RuntimeError(f"worker {job.label} exited ({job.proc.wait()}) before answering; "
                      "its errors are above")
@@ -389,17 +388,17 @@ def _read(job: Job) -> dict[str, Any]:
 
 def run_group(jobs: list[Job], pythons: dict[str, str], args: argparse.Namespace) -> None:
   """Starts the jobs' workers one after another, then interleaves their timed repeats."""
-  for job in jobs:
-    print(f"== {job.label}: building and warming up", flush=True)
-    job.proc = subprocess.Popen(
-        [pythons[job.framework], os.path.abspath(__file__), "--worker", job.framework,
-         "--variant", job.variant, "--batch-size", str(job.batch_size),
-         "--vocab-cap", str(job.vocab_cap), "--warmup", str(args.warmup)],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    job.warmup_seconds = _read(job)["warmup_seconds"]
-    job.steps = args.steps
   try:
+    for job in jobs:
+      print(f"== {job.label}: building and warming up", flush=True)
+      job.proc = subprocess.Popen(
+          [pythons[job.framework], os.path.abspath(__file__), "--worker", job.framework,
+           "--variant", job.variant, "--batch-size", str(job.batch_size),
+           "--vocab-cap", str(job.vocab_cap), "--warmup", str(args.warmup)],
+          cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+      _read(job)  # built and warmed up
+      job.steps = args.steps
     for r in range(args.repeats):
       for job in jobs:
         job.proc.stdin.write(f"{args.steps}\n")
@@ -407,15 +406,14 @@ def run_group(jobs: list[Job], pythons: dict[str, str], args: argparse.Namespace
         job.seconds.append(_read(job)["seconds"])
         print(f"  repeat {r + 1}/{args.repeats} {job.label}: "
               f"{1000 * job.seconds[-1] / args.steps:.0f} ms/step", flush=True)
+    for job in jobs:  # end of input: the worker answers with its description and exits
+      job.proc.stdin.close()
+      job.info = _read(job)["info"]
+      job.proc.wait()
   finally:
-    for job in jobs:
-      if job.proc.poll() is None:
-        job.proc.stdin.close()
-        if not job.info:
-          try:
-            job.info = _read(job)["info"]
-          except RuntimeError:
-            pass
+    for job in jobs:  # after an error: stop this group's workers that still run
+      if job.proc is not None and job.proc.poll() is None:
+        job.proc.kill()
         job.proc.wait()
 
 
