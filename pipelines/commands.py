@@ -591,6 +591,8 @@ def _flat_metadata(metadata, full: bool) -> list[tuple[str, str]]:
       out += [(f"{key}.{k}", t) for k, t in _flat_metadata(value, full)]
     elif isinstance(value, dict):
       out.append((key, f"({len(value)} entries; --config prints them)"))
+    elif isinstance(value, list) and not full and len(value) > 10:  # e.g. ROC points
+      out.append((key, f"({len(value)} entries; --config prints them)"))
     elif isinstance(value, list):
       out.append((key, json.dumps(value)))
     else:

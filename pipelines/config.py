@@ -86,6 +86,10 @@ DEFAULTS: dict[str, Any] = {
 # Sections whose keys are checked against DEFAULTS (``train`` is checked by the trainer).
 _CHECKED = ("preprocess", "gate", "vertex", "kfp")
 TASKS = ("sequence", "ranking")  # the preprocess step's names of the two tasks
+# The ranking models of ``trainers.models`` (the others are sequence models), listed rather
+# than imported: importing JAX in ``recml run``'s process sets TF_CPP_MIN_LOG_LEVEL, which
+# the local steps would inherit (pipelines/run_output.py). A test checks the list.
+RANKING_MODELS = ("dlrm-v2", "dcnv2", "dlrm")
 # The preprocess keys of each task (the others must keep their defaults).
 TASK_KEYS = {
     "sequence": ("max_len", "min_item_count", "timestamp_unit"),
@@ -183,12 +187,8 @@ def validate(config: Mapping[str, Any]) -> None:
 
 
 def model_task(model: str) -> str:
-  """The preprocess task of a model: ``sequence`` (retrieval models) or ``ranking``."""
-  from trainers import models  # pylint: disable=g-import-not-at-top
-  try:
-    return "ranking" if models.task_of(model) == "ranking" else "sequence"
-  except ValueError as e:
-    raise ValueError(f"train.model: {e}") from e
+  """The preprocess task of a model: ``ranking`` (:data:`RANKING_MODELS`) or ``sequence``."""
+  return "ranking" if model in RANKING_MODELS else "sequence"
 
 
 def task(config: Mapping[str, Any]) -> str:

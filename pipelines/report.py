@@ -289,7 +289,9 @@ def _gate_section(run, steps, run_id) -> tuple[str, dict[str, Any]]:
   header = ["split", "run", *(f"{m} (gate)" if m == gate_name else m for m in names)]
   notes = [f"the gate compares {gate_split} {gate_name}"
            + (f", relative tolerance {run.get('parameters', {}).get('gate_tolerance')}"
-              if run.get("parameters", {}).get("gate_tolerance") is not None else "")]
+              if run.get("parameters", {}).get("gate_tolerance") is not None else "")
+           + (f"; {gate_split} {run['parameters']['gate_guard_metric']} may veto a blessing "
+              "(guard)" if run.get("parameters", {}).get("gate_guard_metric") else "")]
   if not champion:
     notes.append("no champion: no run of this model on this dataset_id was blessed before")
   elif verdict.get("threshold") is not None:

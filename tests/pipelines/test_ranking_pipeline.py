@@ -12,6 +12,8 @@ the accuracy.
 import inspect
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -69,6 +71,18 @@ def test_ranking_configs_make_ranking_parameters():
   assert (sequence["task"], sequence["ranking"], sequence["gate_guard_metric"]) == (
       "sequence", {}, "")
   assert "max_len=50" in sequence["train_overrides"]
+
+
+def test_ranking_models_are_the_registrys_without_importing_jax():
+  from trainers import models  # pylint: disable=g-import-not-at-top
+  assert config_lib.RANKING_MODELS == tuple(
+      m for m in models.MODELS if models.task_of(m) == "ranking")
+  probe = ("import os, sys; from pipelines import config; config.load_config('frappe_dcnv2'); "
+           "print('jax' in sys.modules, os.environ.get('TF_CPP_MIN_LOG_LEVEL'))")
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                        text=True, check=True)
+  assert done.stdout.split() == ["False", "None"]  # local steps' quiet environment intact
 
 
 def test_settings_of_the_other_task_are_refused():
