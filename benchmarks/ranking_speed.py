@@ -24,7 +24,7 @@ The JAX breakdown (``--breakdown-batch-size``) times parts of the step: the forw
 loss, forward + backward (gradients materialised), the Adagrad update alone over the
 whole parameter tree, and the full step with tiny tables (``--small-cap`` rows each).
 
-    .venv/bin/python benchmarks/ranking_speed.py        # the measured run (results/ranking_speed.md)
+    .venv/bin/python benchmarks/ranking_speed.py    # the measured run (results/ranking_speed.md)
     .venv/bin/python benchmarks/ranking_speed.py --quick --steps 2 --repeats 1 --skip-torchrec
 """
 
@@ -272,7 +272,7 @@ def torchrec_runner(variant: str, batch_size: int, vocab_cap: int) -> Runner:
       dict(in_backward_optimizer_filter(dmp.named_parameters())),
       lambda params: torch.optim.Adagrad(params, lr=LEARNING_RATE, eps=ADAGRAD_EPS))
   optimizer = CombinedOptimizer([dmp.fused_optimizer, dense_opt])
-  kernels = sorted({getattr(ps, "compute_kernel", "?")
+  kernels = sorted({f"{ps.sharding_type}/{ps.compute_kernel}"
                     for module_plan in plan.plan.values() for ps in module_plan.values()})
 
   batches = []
@@ -459,8 +459,9 @@ def report(args: argparse.Namespace, speed: list[tuple[Job, Job | None]],
     lines.append(
         f"- TorchRec: {tr_info['version']}; torch.get_num_threads() = {tr_info['threads']} "
         f"(interop {tr_info['interop_threads']}); DistributedModelParallel on one gloo "
-        f"process, table kernels {', '.join(tr_info['compute_kernels'])} with Adagrad fused "
-        "into the backward (looked-up rows only); dense: torch.optim.Adagrad.")
+        f"process; the planner's sharding/kernel of the tables: "
+        f"{', '.join(tr_info['compute_kernels'])} (fused: Adagrad applied in the backward "
+        "to the looked-up rows only); dense: torch.optim.Adagrad.")
   lines += [
       f"- Model: MLPerf DLRM-DCNv2 shapes; optimiser Adagrad lr {LEARNING_RATE}, accumulators "
       f"from 0, eps {ADAGRAD_EPS}. Parameters: JAX {jax_info['num_params']:,} "
@@ -487,8 +488,8 @@ def report(args: argparse.Namespace, speed: list[tuple[Job, Job | None]],
   ]
   for jax_job, tr_job in speed:
     if tr_job is None:
-      lines.append(f"| {jax_job.batch_size} | {_rate(jax_job)} | — | — | "
-                   f"{jax_job.step_ms:.0f} | — | {jax_job.info.get('peak_rss_gb', 0):.2f} / — |")
+      lines.append(f"| {jax_job.batch_size} | {_rate(jax_job)} | — | — | {jax_job.step_ms:.0f} "
+                   f"| — | {jax_job.info.get('peak_rss_gb', 0):.2f} / — |")
       continue
     # Repeats ran back to back (interleaved), so each pair saw about the same load.
     ratios = sorted(t / j for j, t in zip(jax_job.seconds, tr_job.seconds))
@@ -559,8 +560,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--small-cap", type=int, default=100,
                       help="rows per table of the breakdown's tiny-table step")
   parser.add_argument("--quick", action="store_true",
-                      help=f"smoke test: {QUICK} unless given; writes no file unless "
-                           "--output is given")
+                      help=f"smoke test only: {QUICK} unless given; writes no file unless "
+                           "--output is given (TorchRec's CPU step is several times slower "
+                           "with 1,000-row tables than with 100,000-row ones: no comparison)")
   parser.add_argument("--skip-torchrec", action="store_true",
                       help="JAX only (no venv install); prints the table, writes no file "
                            "unless --output is given")
@@ -609,8 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     breakdown = [
         Job("full train step (forward, backward, Adagrad over every parameter)", "jax",
             "train", b, args.vocab_cap),
-        Job("forward + backward, no optimiser (gradients materialised)", "jax", "grad", b,
-            args.vocab_cap),
+        Job("forward + backward, no optimiser (gradients written to fresh buffers, "
+            "nothing donated)", "jax", "grad", b, args.vocab_cap),
         Job("forward only (loss)", "jax", "forward", b, args.vocab_cap),
         Job("Adagrad update alone over the whole parameter tree (no model)", "jax",
             "optimizer", b, args.vocab_cap),
