@@ -110,6 +110,9 @@ def test_unknown_argument_is_refused(machine):
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_docker_stop_runs_the_stop_subcommand():
-  out = subprocess.run(["make", "-n", "docker-stop"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60, check=True).stdout
+  # Under `make test` the test runs in a sub-make: drop the parent's flags and its
+  # "Entering directory" lines.
+  env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+  out = subprocess.run(["make", "--no-print-directory", "-n", "docker-stop"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60, check=True, env=env).stdout
   assert out.strip() == "bash infra/bootstrap_docker.sh stop"
