@@ -130,6 +130,18 @@ class Checkpoints:
     self.best.close()
 
 
+def restore_selected(workdir: str, init_fn) -> tuple[Any, dict[str, Any]]:
+  """The selected checkpoint's tree and meta, shaped by ``init_fn()`` (a model's boxed
+  ``init``, only traced: nothing is computed)."""
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  abstract = nn.meta.unbox(jax.eval_shape(init_fn))
+  ckpt = Checkpoints(workdir, async_save=False)
+  try:
+    return ckpt.restore_best(abstract)
+  finally:
+    ckpt.close()
+
+
 def best_meta(best: dict[str, Any]) -> dict[str, Any]:
   """The best checkpoint's meta from the run record's ``best`` entry (epoch + metrics)."""
   return {k: v for k, v in best.items() if k != "value"}

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trainers import configs, features, metrics, models
-from trainers.checkpoints import Checkpoints, load_config_dict
+from trainers import configs, features, metrics, models, tasks
+from trainers.checkpoints import load_config_dict, restore_selected
 from trainers.input_pipeline import Batch, SequenceData, model_batch
 
 log = logging.getLogger("recml.evaluate")
@@ -142,17 +142,9 @@ def load_model(workdir: str, which: str = "best"):
     raise ValueError("only the selected ('best') checkpoint can be loaded")
   config = configs.TrainConfig.from_dict(load_config_dict(workdir))
   model = models.build(config.model, config.model_config)
-  length = config.model_config.max_len
-  dummy = jnp.zeros((1, length), jnp.int32)
-  abstract = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), dummy, dummy, dummy)["params"])
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  abstract = nn.meta.unbox(abstract)
-  ckpt = Checkpoints(workdir, async_save=False)
-  try:
-    params, meta = ckpt.restore_best(abstract)
-  finally:
-    ckpt.close()
+  task = tasks.Retrieval(config)
+  params, meta = restore_selected(workdir,
+                                  lambda: task.init(model, jax.random.key(0))["params"])
   return config, model, params, meta
 
 

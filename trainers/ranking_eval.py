@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from trainers import configs, features, metrics, models, tasks
-from trainers.checkpoints import Checkpoints, load_config_dict
+from trainers.checkpoints import load_config_dict, restore_selected
 from trainers.input_pipeline import RankingData
 
 CLASSES = ("no click", "click")  # the confusion matrix's categories, label 0 then 1
@@ -34,7 +34,6 @@ def load_selected(workdir: str, data_dir: str | None = None):
     ValueError: not a ranking model, or a dataset whose feature tables differ from
       the ones the model was trained with.
   """
-  from flax import linen as nn  # pylint: disable=g-import-not-at-top
   saved = configs.TrainConfig.from_dict(load_config_dict(workdir))
   if saved.task != "ranking":
     raise ValueError(f"{workdir} holds a {saved.task} model ({saved.model}), not a ranking one")
@@ -45,13 +44,7 @@ def load_selected(workdir: str, data_dir: str | None = None):
     raise ValueError(f"{config.data_dir} does not match the model in {workdir}: "
                      + ", ".join(f"{k} {a} (model) vs {b} (data)" for k, (a, b) in differ.items()))
   model = models.build(config.model, config.model_config)
-  abstract = jax.eval_shape(lambda: task.init(model, jax.random.key(0)))
-  abstract = {k: nn.meta.unbox(v) for k, v in abstract.items()}
-  ckpt = Checkpoints(workdir, async_save=False)
-  try:
-    variables, _ = ckpt.restore_best(abstract)
-  finally:
-    ckpt.close()
+  variables, _ = restore_selected(workdir, lambda: task.init(model, jax.random.key(0)))
   return config, task, model, variables
 
 
