@@ -46,7 +46,9 @@ def run(data_dir: str, workdir: str, model: str = "sasrec",
   config = configs.apply_overrides(config, list(overrides))
   metrics = trainer.train_and_evaluate(config, workdir)
   info_src = os.path.join(data_dir, features.DATASET_INFO_FILE)
-  shutil.copyfile(info_src, os.path.join(workdir, features.DATASET_INFO_FILE))
+  from trainers import distributed  # pylint: disable=g-import-not-at-top
+  if distributed.is_primary():  # a multi-host job's other processes write nothing
+    shutil.copyfile(info_src, os.path.join(workdir, features.DATASET_INFO_FILE))
   with open(info_src, encoding="utf-8") as f:
     info = json.load(f)
   return {"metrics": metrics, "config": config.to_dict(), "dataset_info": info}

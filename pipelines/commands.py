@@ -204,7 +204,10 @@ def vertex_train_specs(args, env, config) -> list[dict[str, Any]]:
   from pipelines import dag  # pylint: disable=g-import-not-at-top
   specs = dag.vertex_worker_pool_specs(env, config["vertex"])
   for s in specs:  # the container command is the component's; keep the request readable
-    s["container_spec"] = {"image_uri": s["container_spec"]["image_uri"]}
+    container = s["container_spec"]
+    s["container_spec"] = {"image_uri": container["image_uri"]}
+    if container.get("env"):
+      s["container_spec"]["env"] = container["env"]
   return specs
 
 

@@ -12,6 +12,7 @@ A config has the sections below (every key optional; ``DEFAULTS`` holds the rest
     train: {model, <any TrainConfig field>: value}
     gate: {metric, k, guard_metric, split, tolerance}
     vertex: {machine_type, tpu_topology, accelerator_type, accelerator_count, replica_count, ...}
+                               (checked by check_vertex: TPU slice = 1 replica + topology)
     kfp: {train_cpu, train_memory}
     caching: true
     labels: {key: value}
@@ -99,6 +100,88 @@ TASK_KEYS = {
 }
 
 
+# TPU VM machine types Vertex AI trains on -> (chips per host, may a slice span hosts).
+# Vertex's ``MachineSpec.tpuTopology`` takes the TPU topologies of GKE, where the 1- and
+# 8-chip VMs are single-host slices (1x1, 2x4) and every slice larger than one host is
+# made of 4-chip VMs: v5e ``4x4`` on ct5lp-hightpu-4t is 16 chips on 4 hosts.
+TPU_MACHINE_TYPES: dict[str, tuple[int, bool]] = {
+    "ct5lp-hightpu-1t": (1, False),   # TPU v5e
+    "ct5lp-hightpu-4t": (4, True),
+    "ct5lp-hightpu-8t": (8, False),
+    "ct6e-standard-1t": (1, False),   # TPU v6e
+    "ct6e-standard-4t": (4, True),
+    "ct6e-standard-8t": (8, False),
+}
+
+
+def tpu_hosts(vertex: Mapping[str, Any]) -> int:
+  """The number of hosts of the ``vertex`` section's TPU slice (0: not a TPU VM);
+  each runs the same trainer container, one JAX process per host."""
+  machine, topology = vertex.get("machine_type"), vertex.get("tpu_topology") or ""
+  if machine not in TPU_MACHINE_TYPES or not topology:
+    return 0
+  chips = 1
+  for dim in str(topology).split("x"):
+    chips *= int(dim)
+  return chips // TPU_MACHINE_TYPES[machine][0]
+
+
+def check_vertex(vertex: Mapping[str, Any]) -> None:
+  """Rejects a ``vertex`` section Vertex AI would refuse or run wrongly, naming the key.
+
+  A TPU slice is requested as ONE replica of a TPU VM machine type with
+  ``tpu_topology`` (Vertex provisions the slice's hosts and runs the container on each);
+  GPU/CPU jobs scale with ``replica_count`` (1 primary in workerpool0, the rest in
+  workerpool1).
+  """
+  machine = vertex.get("machine_type")
+  if not machine or not isinstance(machine, str):
+    raise ValueError(f"vertex.machine_type is required, got {machine!r}")
+  counts = {}
+  for key, low in (("replica_count", 1), ("accelerator_count", 0)):
+    value = vertex.get(key, low)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise ValueError(f"vertex.{key} must be an integer >= {low}, got {value!r}")
+    counts[key] = value
+  accelerator = vertex.get("accelerator_type") or ""
+  topology = str(vertex.get("tpu_topology") or "")
+  if machine not in TPU_MACHINE_TYPES:
+    if topology:
+      raise ValueError(
+          f"vertex.tpu_topology {topology!r} needs a TPU VM machine type "
+          f"({', '.join(TPU_MACHINE_TYPES)}), not vertex.machine_type {machine!r}: "
+          "clear it (--set vertex.tpu_topology=) for GPU/CPU machines")
+    if counts["accelerator_count"] and not accelerator:
+      raise ValueError("vertex.accelerator_count is set without vertex.accelerator_type")
+    return
+  per_host, multi_host = TPU_MACHINE_TYPES[machine]
+  if accelerator or counts["accelerator_count"]:
+    raise ValueError(f"vertex.accelerator_type/accelerator_count: {machine} is a TPU VM "
+                     "type, which implies its accelerator; leave them empty")
+  if counts["replica_count"] != 1:
+    raise ValueError(
+        f"vertex.replica_count must be 1 for a TPU slice, got {counts['replica_count']}: "
+        "Vertex AI runs a TPU job as one replica; ask for more hosts with a larger "
+        f"vertex.tpu_topology (on {machine}: {per_host} chips per host)")
+  dims = topology.split("x")
+  if not topology or len(dims) not in (2, 3) or not all(d.isdigit() and int(d) > 0
+                                                        for d in dims):
+    raise ValueError(f"vertex.tpu_topology must be AxB or AxBxC chips (e.g. 2x2, 4x4) for "
+                     f"TPU VM machine type {machine}, got {topology!r}")
+  chips = 1
+  for d in dims:
+    chips *= int(d)
+  if chips % per_host:
+    raise ValueError(f"vertex.tpu_topology {topology} is {chips} chips, not a whole number "
+                     f"of {machine} hosts ({per_host} chips each)")
+  if chips > per_host and not multi_host:
+    multi = sorted(m for m, (_, ok) in TPU_MACHINE_TYPES.items()
+                   if ok and m.split("-")[0] == machine.split("-")[0])
+    raise ValueError(f"vertex.tpu_topology {topology} spans {chips // per_host} hosts, but "
+                     f"{machine} makes single-host slices of {per_host} chips only; "
+                     f"multi-host slices use {' or '.join(multi)}")
+
+
 def config_path(name_or_path: str) -> str:
   """Resolves ``ml1m_sasrec`` / ``ml1m_sasrec.yaml`` / a path to a config file."""
   if os.path.exists(name_or_path):
@@ -181,6 +264,7 @@ def validate(config: Mapping[str, Any]) -> None:
     raise ValueError(f"preprocess.{', preprocess.'.join(stray)} apply to the "
                      f"{'sequence' if want == 'ranking' else 'ranking'} task only, and "
                      f"{config['train']['model']!r} is a {want} model")
+  check_vertex(config["vertex"])
   k = config["gate"]["k"]
   if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
     raise ValueError(f"gate.k must be a cut-off >= 1, or 0/null for none, got {k!r}")

@@ -29,7 +29,8 @@ target is only how steps are placed:
   component (``kfp.local`` runs them as subprocesses or in the images; KFP runs the images).
 * ``vertex``: the train step becomes a Vertex AI CustomJob on TPU (or GPU/CPU) through
   ``google_cloud_pipeline_components``' ``create_custom_training_job_from_component``;
-  its worker pool gets ``tpu_topology`` added (see :func:`vertex_training_step`).
+  its worker pool gets ``tpu_topology`` added (see :func:`vertex_training_step`, which
+  also says how the processes of a multi-host job find each other).
 
 Images come from :mod:`components.images` with the registry and tag of the
 :class:`pipelines.env.Env`, so one compiled IR names images in Artifact Registry while
@@ -75,6 +76,21 @@ def vertex_training_step(component, vertex: Mapping[str, Any], env: Env,
   ``machine_spec.tpu_topology`` (the ``MachineSpec.tpuTopology`` field of the REST API).
   TPU VM machine types (``ct5lp-hightpu-4t``, ``ct6e-...``) imply the accelerator, so
   no accelerator type is set for them; GPUs set ``accelerator_type``/``_count``.
+  :func:`pipelines.config.check_vertex` rejects what Vertex would refuse.
+
+  Multi-host jobs: every host runs the same container command (the train component),
+  and :mod:`trainers.distributed` joins them into one JAX system before training:
+
+  * a TPU slice is one worker pool with ``replica_count: 1`` and a topology larger than
+    one host (``ct5lp-hightpu-4t`` + ``4x4``: 16 chips on 4 hosts); Vertex runs the
+    container on each host of the slice. The pool's ``env`` carries
+    ``RECML_DISTRIBUTED=auto``, so each process calls ``jax.distributed.initialize()``
+    and JAX finds the slice's hosts itself (TPU worker variables or the TPU VM
+    metadata), as on any Cloud TPU slice.
+  * GPU/CPU ``replica_count: N`` gives workerpool0 (the primary, 1 replica) and
+    workerpool1 (N - 1 replicas) with the same machine spec; Vertex sets
+    ``CLUSTER_SPEC`` on each replica, from which every process takes its id and the
+    coordinator (workerpool0's host).
 
   Args:
     component: the train component (already bound to its image).
@@ -84,7 +100,10 @@ def vertex_training_step(component, vertex: Mapping[str, Any], env: Env,
   """
   from google_cloud_pipeline_components.v1.custom_job import (  # pylint: disable=g-import-not-at-top
       create_custom_training_job_from_component)
+  from pipelines import config as config_lib  # pylint: disable=g-import-not-at-top
+  config_lib.check_vertex(vertex)
   accelerator = vertex.get("accelerator_type") or ""
+  multi_host_tpu = config_lib.tpu_hosts(vertex) > 1
   op = create_custom_training_job_from_component(
       component,
       display_name=display_name,
@@ -96,6 +115,7 @@ def vertex_training_step(component, vertex: Mapping[str, Any], env: Env,
       timeout=str(vertex.get("timeout", "86400s")),
       service_account=env.service_account,
       network=env.network,
+      env=[{"name": "RECML_DISTRIBUTED", "value": "auto"}] if multi_host_tpu else None,
   )
   topology = vertex.get("tpu_topology") or ""
   if topology:

@@ -30,6 +30,8 @@ NEGATIVE_SHARING = ("position", "group", "sequence", "batch")
 # Items excluded from evaluation rankings: the user's whole history before the target
 # ("all"), only the last max_len items the model reads ("window", the HSTU code), none.
 HISTORY_EXCLUSION = ("all", "window", "none")
+# How embedding tables are placed: the planner, or one kind of trainers.sharding.KINDS.
+EMBEDDING_SHARDING = ("auto", "replicated", "row", "column")
 
 
 def history_exclusion(value: Any) -> str:
@@ -92,6 +94,14 @@ class TrainConfig:
   # `bucket_window` batches by length; () pads every batch to max_len.
   length_bucket_fractions: tuple[float, ...] = (0.25, 0.5)
   bucket_window: int = 8
+  # devices and sharding (trainers.sharding, trainers.planner); these place arrays and
+  # do not change the math, so a run may resume on another mesh or plan
+  num_devices: int = 0                # devices of the mesh; 0 = every device of every process
+  # Embedding tables: "auto" (the planner chooses per table), or one of
+  # trainers.sharding.KINDS for every table ("replicated", "row", "column").
+  embedding_sharding: str = "auto"
+  sharding_pins: tuple[str, ...] = ()  # "TABLE=KIND" (e.g. item_embedding=row): pinned choices
+  device_memory_gb: float = 0.0       # the planner's per-device budget for tables; 0 = no limit
   # bookkeeping
   seed: int = 42
   max_steps_per_epoch: int = 0        # 0 = whole epoch; >0 caps it (smoke tests)
@@ -116,7 +126,17 @@ class TrainConfig:
          f"lr_decay_on_plateau must lie in (0, 1], got {self.lr_decay_on_plateau}"),
         (self.optimizer in OPTIMIZERS,
          f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
+        (self.embedding_sharding in EMBEDDING_SHARDING,
+         f"embedding_sharding must be one of {EMBEDDING_SHARDING}, "
+         f"got {self.embedding_sharding!r}"),
+        (self.num_devices >= 0, f"num_devices must be >= 0, got {self.num_devices}"),
+        (self.device_memory_gb >= 0,
+         f"device_memory_gb must be >= 0, got {self.device_memory_gb}"),
     ]
+    if isinstance(self.sharding_pins, str):  # --set sharding_pins=item_embedding=row
+      object.__setattr__(self, "sharding_pins", (self.sharding_pins,))
+    object.__setattr__(self, "sharding_pins", tuple(self.sharding_pins))
+    self.pins()  # checks their form
     object.__setattr__(self, "exclude_history", history_exclusion(self.exclude_history))
     for ok, message in checks:
       if not ok:
@@ -138,6 +158,17 @@ class TrainConfig:
     """``retrieval`` (next-item sequence models) or ``ranking`` (CTR models)."""
     return models.task_of(self.model)
 
+  def pins(self) -> dict[str, str]:
+    """``sharding_pins`` as ``{table: kind}``."""
+    out = {}
+    for pin in self.sharding_pins:
+      table, sep, kind = str(pin).partition("=")
+      if not sep or not table.strip() or kind.strip() not in EMBEDDING_SHARDING[1:]:
+        raise ValueError(f"sharding_pins entry {pin!r} is not TABLE=KIND with KIND one of "
+                         f"{EMBEDDING_SHARDING[1:]}")
+      out[table.strip()] = kind.strip()
+    return out
+
   @property
   def selection_lower_is_better(self) -> bool:
     return self.selection_metric in LOWER_IS_BETTER
@@ -154,6 +185,7 @@ class TrainConfig:
     d["model_config"] = dataclasses.asdict(self.model_config)
     d["top_ks"] = list(self.top_ks)
     d["length_bucket_fractions"] = list(self.length_bucket_fractions)
+    d["sharding_pins"] = list(self.sharding_pins)
     return d
 
   def to_json(self) -> str:
@@ -166,7 +198,7 @@ class TrainConfig:
     # field was removed still carry it; it never changed a number, so drop it.
     d.pop("log_every_steps", None)
     d["model_config"] = models.config_from_dict(d["model"], d.get("model_config") or {})
-    for key in ("top_ks", "length_bucket_fractions"):
+    for key in ("top_ks", "length_bucket_fractions", "sharding_pins"):
       if key in d:
         d[key] = tuple(d[key])
     return cls(**d)
@@ -176,8 +208,11 @@ class TrainConfig:
 # of TrainConfig and of the model's config (model, data, optimisation, loss, evaluation,
 # selection, input, seed) is the run's identity: its checkpoints continue only that
 # config. ``epochs`` extends a run (data order and randomness are functions of seed,
-# epoch and step, so the result equals an uninterrupted run of that many epochs).
-RESUMABLE_FIELDS = frozenset({"epochs"})
+# epoch and step, so the result equals an uninterrupted run of that many epochs). The
+# mesh and sharding fields place the same arrays on other devices (a checkpoint restores
+# onto any mesh or plan; float sums may round differently).
+RESUMABLE_FIELDS = frozenset({"epochs", "num_devices", "embedding_sharding", "sharding_pins",
+                              "device_memory_gb"})
 
 
 def config_differences(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
@@ -255,7 +290,9 @@ def apply_overrides(config: TrainConfig, assignments: Iterable[str]) -> TrainCon
     elif key in train_fields:
       if key == "model":
         raise ValueError("choose the model with --model, not --set model=...")
-      tuples = ("top_ks", "length_bucket_fractions")
+      tuples = ("top_ks", "length_bucket_fractions", "sharding_pins")
+      if key == "sharding_pins" and isinstance(value, str):
+        value = [v for v in value.split(",") if v]  # --set sharding_pins=a=row,b=column
       train_changes[key] = tuple(value) if key in tuples else value
     else:
       raise ValueError(f"unknown setting {key!r}; known: "

@@ -44,7 +44,7 @@ def make_score_fn(model) -> Callable[[Any, Batch], jax.Array]:
                last_only=True)
       return user[:, -1], m.all_candidates()
     user, table = model.apply({"params": params}, batch, method=fwd)
-    return user @ table.T
+    return (user @ table.T)[:, :model.config.vocab_size]  # the table's padding rows dropped
 
   return score
 
@@ -73,13 +73,19 @@ def _metrics_step(ks: tuple[int, ...], rule: str):  # one jitted function per (k
   return step
 
 
-def make_eval_step(model, config: configs.TrainConfig):
-  """A ``(params, batch) -> metric sums`` for one batch (jitted scoring, then metrics)."""
+def make_eval_step(model, config: configs.TrainConfig, put=None):
+  """A ``(params, batch) -> metric sums`` for one batch (jitted scoring, then metrics).
+
+  ``put``: turns a numpy batch into the (global, sharded) arrays the jitted functions
+  take (the trainer's mesh); None hands them numpy.
+  """
   score = jax.jit(make_score_fn(model))
   metric_step = make_metrics_step(config.top_ks, config.exclude_history)
+  put = put or (lambda b: b)
 
   def eval_step(params, batch):
-    return metric_step(score(params, model_batch(batch)), batch)
+    batch = put(model_batch(batch))
+    return metric_step(score(params, batch), batch)
 
   return eval_step
 

@@ -2,8 +2,9 @@
 ranking models built from it), positions, masks.
 
 Parameters carry *logical* axis names (``vocab``, ``embed``, ``mlp``, ``heads``,
-...); :mod:`trainers.sharding` maps them onto mesh axes. Sharding an embedding
-table later means changing that table of rules, not the models.
+...); :mod:`trainers.sharding` places them on the mesh. An embedding table (axes
+``vocab``, ``embed``) is sharded by its plan, and its lookups go through
+:func:`trainers.sharding.lookup`, so sharding a table is a plan, not a model change.
 """
 
 from __future__ import annotations
@@ -15,17 +16,27 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from trainers import features
+from trainers import features, sharding
 
 Array = jax.Array
 
-# Logical axis names used by parameters and activations.
-VOCAB = "vocab"
-EMBED = "embed"
-MLP = "mlp"
-HEADS = "heads"
-POSITION = "position"
-BUCKETS = "buckets"
+# Logical axis names used by parameters and activations (defined with the mesh rules).
+VOCAB = sharding.VOCAB
+EMBED = sharding.EMBED
+MLP = sharding.MLP
+HEADS = sharding.HEADS
+POSITION = sharding.POSITION
+BUCKETS = sharding.BUCKETS
+
+# Embedding tables have a multiple of this many rows (zero rows past ``vocab_size``,
+# never looked up), so that one shape shards row-wise over 1, 2, 4, ..., 64 devices and
+# a checkpoint restores onto any of them.
+ROW_ALIGNMENT = 64
+
+
+def padded_rows(vocab_size: int) -> int:
+  """Rows of a table of ``vocab_size`` ids: rounded up to :data:`ROW_ALIGNMENT`."""
+  return -(-vocab_size // ROW_ALIGNMENT) * ROW_ALIGNMENT
 
 
 def truncated_normal(stddev: float = 0.02) -> Callable:
@@ -73,12 +84,33 @@ class Dropout(nn.Module):
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+# Computation dtypes a model config's ``dtype`` may name. Parameters, optimizer state
+# and the loss stay float32 whatever it says (mixed precision).
+DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(name: str, owner: str = "") -> jnp.dtype:
+  """The computation dtype a model config's ``dtype`` field names (:data:`DTYPES`).
+
+  Raises:
+    ValueError: naming the field (and ``owner``, the config class) for any other value.
+  """
+  if name not in DTYPES:
+    prefix = f"{owner}: " if owner else ""
+    raise ValueError(f"{prefix}dtype must be one of {DTYPES}, got {name!r}")
+  return jnp.dtype(name)
+
+
 def dense(features_: int, axes: tuple[str, str], *, use_bias: bool = True,
           kernel_init: Callable = nn.initializers.xavier_uniform(),
-          name: str | None = None) -> nn.Dense:
-  """A Dense layer whose kernel carries logical axis names."""
+          dtype: Any = None, name: str | None = None) -> nn.Dense:
+  """A Dense layer whose kernel carries logical axis names.
+
+  Its parameters are float32; it computes in ``dtype`` (inputs, kernel and bias cast to
+  it; None: the promoted dtype of inputs and parameters).
+  """
   return nn.Dense(
-      features_, use_bias=use_bias, name=name,
+      features_, use_bias=use_bias, name=name, dtype=dtype, param_dtype=jnp.float32,
       kernel_init=nn.with_logical_partitioning(kernel_init, axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
 
@@ -87,11 +119,12 @@ class ItemEmbedding(nn.Module):
   """The item table. The one module every model uses for item ids.
 
   Row ``features.PAD_ID`` is padding; lookups of it return zeros. The table's
-  axes are (``vocab``, ``embed``), so a rule mapping ``vocab`` to a mesh axis
-  shards it row-wise.
+  axes are (``vocab``, ``embed``); it has :func:`padded_rows` rows, those past
+  ``vocab_size`` zero and never looked up (so that it shards evenly row-wise). Lookups
+  go through :func:`trainers.sharding.lookup` under the table's name (its module path).
 
   Attributes:
-    vocab_size: rows, including padding and OOV.
+    vocab_size: ids, including padding and OOV.
     features: embedding width.
     normalize: return L2-normalised vectors (the HSTU paper's setting).
   """
@@ -102,23 +135,33 @@ class ItemEmbedding(nn.Module):
   stddev: float = 0.02
 
   def setup(self):
-    self.table = self.param(
-        "embedding",
-        nn.with_logical_partitioning(truncated_normal(self.stddev), (VOCAB, EMBED)),
-        (self.vocab_size, self.features), jnp.float32)
+    rows = padded_rows(self.vocab_size)
+
+    def init(key, shape, dtype=jnp.float32):
+      # The first vocab_size rows are drawn as for an unpadded table; the rest are zero.
+      del shape
+      table = truncated_normal(self.stddev)(key, (self.vocab_size, self.features), dtype)
+      return jnp.pad(table, ((0, rows - self.vocab_size), (0, 0)))
+
+    self.table = self.param("embedding", nn.with_logical_partitioning(init, (VOCAB, EMBED)),
+                            (rows, self.features), jnp.float32)
+
+  def _lookup(self, ids: Array) -> Array:
+    return sharding.lookup(self.table, ids, "/".join(self.scope.path))
 
   def __call__(self, ids: Array) -> Array:
     """Raw (unnormalised) embeddings of ``ids``, zero at padding."""
-    emb = jnp.take(self.table, ids, axis=0)
+    emb = self._lookup(ids)
     return emb * (ids != features.PAD_ID)[..., None].astype(emb.dtype)
 
   def candidates(self, ids: Array) -> Array:
     """Embeddings of items as ranking candidates (normalised if configured)."""
-    emb = jnp.take(self.table, ids, axis=0)
+    emb = self._lookup(ids)
     return l2_normalize(emb) if self.normalize else emb
 
   def all_candidates(self) -> Array:
-    """The whole table as candidates: ``[vocab_size, features]``."""
+    """The whole table as candidates: ``[padded_rows(vocab_size), features]``; scores of
+    the rows past ``vocab_size`` must be dropped (they are padding)."""
     return l2_normalize(self.table) if self.normalize else self.table
 
 
@@ -223,14 +266,17 @@ def causal_mask(valid: Array) -> Array:
 
 
 def embed_sequence(item_emb: ItemEmbedding, pos_emb: PositionEmbedding, dropout: Dropout,
-                   item_ids: Array, deterministic: bool) -> tuple[Array, Array]:
+                   item_ids: Array, deterministic: bool,
+                   dtype: Any = jnp.float32) -> tuple[Array, Array]:
   """Shared input block: ``E[item] * sqrt(d) + P[pos]``, dropout, zeroed padding.
 
+  The sum is formed from the float32 tables and then cast to the computation ``dtype``.
+
   Returns:
-    (``[B, L, D]`` embeddings, ``[B, L]`` validity mask).
+    (``[B, L, D]`` embeddings in ``dtype``, ``[B, L]`` validity mask).
   """
   valid = item_ids != features.PAD_ID
   x = item_emb(item_ids) * jnp.sqrt(float(item_emb.features))
-  x = x + pos_emb(item_ids.shape[-1])[None]
+  x = (x + pos_emb(item_ids.shape[-1])[None]).astype(dtype)
   x = dropout(x, deterministic)
   return x * valid[..., None], valid

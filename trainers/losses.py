@@ -13,6 +13,8 @@ paper's code.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -48,9 +50,13 @@ def sample_negatives(rng: jax.Array, shape_bl: tuple[int, int], num_negatives: i
 
 
 def sampled_softmax_loss(user: jax.Array, targets: jax.Array, weights: jax.Array,
-                         table: jax.Array, negatives: jax.Array,
-                         temperature: float = 0.05, normalizer: float | None = None) -> jax.Array:
+                         table: jax.Array | Callable[[jax.Array], jax.Array],
+                         negatives: jax.Array, temperature: float = 0.05,
+                         normalizer: float | None = None) -> jax.Array:
   """Sampled softmax with the given negatives (see :func:`sample_negatives`).
+
+  ``table``: the ``[V, D]`` candidate embeddings, or a function from ids to their
+  embeddings (a model's sharded lookup).
 
   ``loss = mean_w[ logsumexp([s_pos, s_neg_1..N] / T) - s_pos / T ]`` where
   ``s`` is the dot product and negatives equal to the target are excluded.
@@ -61,9 +67,10 @@ def sampled_softmax_loss(user: jax.Array, targets: jax.Array, weights: jax.Array
   nb, g, n = negatives.shape
   size = -(-l // g)
   pad = g * size - l
-  pos = jnp.sum(user * jnp.take(table, targets, axis=0), axis=-1) / temperature   # [B, L]
+  take = table if callable(table) else lambda ids: jnp.take(table, ids, axis=0)
+  pos = jnp.sum(user * take(targets), axis=-1) / temperature                       # [B, L]
   grouped = jnp.pad(user, ((0, 0), (0, pad), (0, 0))).reshape(b, g, size, d)
-  neg_emb = jnp.take(table, negatives, axis=0)                                     # [nb, g, N, D]
+  neg_emb = take(negatives)                                                        # [nb, g, N, D]
   neg = jnp.einsum("bgsd,bgnd->bgsn", grouped, jnp.broadcast_to(neg_emb, (b, g, n, d)))
   neg = neg.reshape(b, g * size, n)[:, :l] / temperature                           # [B, L, N]
   neg_ids = jnp.repeat(jnp.broadcast_to(negatives, (b, g, n)), size, axis=1)[:, :l]
@@ -75,10 +82,14 @@ def sampled_softmax_loss(user: jax.Array, targets: jax.Array, weights: jax.Array
 
 def softmax_loss(user: jax.Array, targets: jax.Array, weights: jax.Array,
                  table: jax.Array, temperature: float = 0.05,
-                 low: int = features.FIRST_ITEM_ID, normalizer: float | None = None) -> jax.Array:
-  """Full softmax cross-entropy over all real items (PAD and OOV columns masked)."""
+                 low: int = features.FIRST_ITEM_ID, normalizer: float | None = None,
+                 high: int | None = None) -> jax.Array:
+  """Full softmax cross-entropy over the real items ``[low, high)`` of ``table`` (PAD,
+  OOV and the table's padding rows from ``high`` on are masked)."""
   logits = jnp.einsum("bld,vd->blv", user, table) / temperature
-  logits = logits.at[..., :low].set(_MASKED)
+  column = jnp.arange(table.shape[0])
+  real = (column >= low) & (column < (table.shape[0] if high is None else high))
+  logits = jnp.where(real, logits, _MASKED)
   log_z = jax.nn.logsumexp(logits, axis=-1)
   pos = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   return _weighted_mean(log_z - pos, weights, normalizer)

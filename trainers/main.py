@@ -39,6 +39,12 @@ def register(subparsers) -> None:
 
 def _main(args: argparse.Namespace) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  from trainers import distributed  # pylint: disable=g-import-not-at-top
+  try:  # before anything touches a JAX backend: join the job's other processes, if any
+    distributed.initialize()
+  except ValueError as e:
+    print(f"recml train: {e}", file=sys.stderr)
+    return 2
   from trainers import configs, train  # pylint: disable=g-import-not-at-top
   from trainers.checkpoints import WorkdirConflict  # pylint: disable=g-import-not-at-top
   try:
@@ -54,6 +60,8 @@ def _main(args: argparse.Namespace) -> int:
   except WorkdirConflict as e:
     print(f"recml train: {e}", file=sys.stderr)
     return 2
+  if not distributed.is_primary():  # process 0 reports for the job
+    return 0
   print(json.dumps({k: summary[k] for k in ("model", "dataset", "selected_epoch", "valid",
                                             "test", "seconds_per_epoch")}, indent=2))
   print(f"metrics: {args.workdir}/metrics.json")

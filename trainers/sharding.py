@@ -1,54 +1,288 @@
-"""Sharding as data: a mesh and a table mapping logical axis names to mesh axes.
+"""Where arrays live: the mesh, each embedding table's sharding, and lookups that respect it.
 
-Models name their parameter axes (``vocab``, ``embed``, ...; see
-:mod:`trainers.layers`); this table decides where each goes. Data parallelism
-over every device is the default: the batch is split over ``data`` and
-parameters are replicated. Sharding the item table row-wise is one rule
-(``("vocab", "data")``), not a model change.
+One mesh axis, ``data``, spans every device (of every process). The batch is split over
+it; dense parameters are replicated (data parallel). Each embedding table -- a
+parameter whose logical axes are (``vocab``, ``embed``): SASRec/HSTU's item table, each
+DLRM feature table -- gets one of the :data:`KINDS`:
+
+* ``replicated`` -- every device holds the whole table (data parallel);
+* ``row``        -- the rows are split evenly over the devices (row-wise); tables are
+  padded to a multiple of :data:`trainers.layers.ROW_ALIGNMENT` rows, so the same
+  shapes shard over 1, 2, 4, 8, ... 64 devices and a checkpoint moves between them;
+* ``column``     -- the embedding width is split over the devices (column-wise; needs
+  ``dim % devices == 0``).
+
+The plan (which table gets which kind) comes from :mod:`trainers.planner` or the
+config. Optimizer slots follow their parameter's sharding.
+
+Lookups (:func:`lookup`) of a sharded table never gather the table. ``row``: every
+device gathers the global batch's ids (small) and looks up the ones in its rows (the
+others read as zeros), and a reduce-scatter sums the partial rows and hands each
+device its own slice of the batch; the backward pass is an all-gather of the output
+gradients and a local scatter-add. ``column``: every device looks up its columns for
+the global batch and an all-to-all returns full rows for its slice of the batch. The
+models call the lookup through :class:`trainers.layers.ItemEmbedding`; the plan is
+visible to it while the trainer traces its steps (:func:`use_plan`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import dataclasses
+import threading
+from typing import Any, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-
-from trainers import layers
 
 DATA_AXIS = "data"
 BATCH = "batch"
 
-# logical axis -> mesh axis (None: replicated)
+# Logical axis names used by parameters and activations (models import them via layers).
+VOCAB = "vocab"
+EMBED = "embed"
+MLP = "mlp"
+HEADS = "heads"
+POSITION = "position"
+BUCKETS = "buckets"
+
+KINDS = ("replicated", "row", "column")
+TABLE_AXES = (VOCAB, EMBED)
+
+# logical axis -> mesh axis (None: replicated); tables are placed by their plan instead.
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     (BATCH, DATA_AXIS),
-    (layers.VOCAB, None),
-    (layers.EMBED, None),
-    (layers.MLP, None),
-    (layers.HEADS, None),
-    (layers.POSITION, None),
-    (layers.BUCKETS, None),
+    (VOCAB, None),
+    (EMBED, None),
+    (MLP, None),
+    (HEADS, None),
+    (POSITION, None),
+    (BUCKETS, None),
 )
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A 1-D mesh over ``devices`` (default: all) named ``data``."""
+def make_mesh(num_devices: int = 0,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A 1-D mesh named ``data`` over ``devices`` (default: every device of every
+  process), or the first ``num_devices`` of them."""
   devices = list(devices or jax.devices())
-  return jax.sharding.Mesh(devices, (DATA_AXIS,))
-
-
-def param_shardings(mesh, boxed_variables: Any, rules=DEFAULT_RULES) -> Any:
-  """NamedShardings for a variables tree that still carries logical metadata."""
-  specs = nn.get_partition_spec(boxed_variables)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
-
-
-def batch_sharding(mesh, rules=DEFAULT_RULES) -> NamedSharding:
-  """Leading (batch) axis split over the data axis."""
-  axis = dict(rules).get(BATCH)
-  return NamedSharding(mesh, P(axis))
+  if num_devices:
+    if num_devices > len(devices):
+      raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices exist "
+                       f"({devices[0].platform})")
+    if jax.process_count() > 1 and num_devices != len(devices):
+      raise ValueError(f"num_devices={num_devices}: a multi-process run uses every device "
+                       f"({len(devices)})")
+    devices = devices[:num_devices]
+  return jax.sharding.Mesh(np.array(devices), (DATA_AXIS,))
 
 
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh, rules=DEFAULT_RULES) -> NamedSharding:
+  """Leading (batch) axis split over the data axis."""
+  return NamedSharding(mesh, P(dict(rules).get(BATCH)))
+
+
+def param_shardings(mesh, boxed_variables: Any, rules=DEFAULT_RULES) -> Any:
+  """NamedShardings from the logical axis metadata of a boxed variables tree."""
+  specs = nn.get_partition_spec(boxed_variables)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+# ---------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+  """An embedding table of a variables tree: its name is its path without the
+  trailing ``embedding`` (``item_embedding``, ``embeddings/sparse_3``)."""
+
+  name: str
+  path: tuple[str, ...]
+  rows: int
+  dim: int
+  dtype: str
+
+
+def _key_names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def find_tables(boxed_params: Any) -> list[Table]:
+  """The embedding tables of a boxed ``params`` tree (abstract or real): the parameters
+  whose logical axes are (``vocab``, ``embed``)."""
+  out = []
+  leaves = jax.tree_util.tree_leaves_with_path(
+      boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  for path, leaf in leaves:
+    if isinstance(leaf, nn.Partitioned) and tuple(leaf.names) == TABLE_AXES:
+      names = _key_names(path)
+      name = "/".join(names[:-1] if names[-1] == "embedding" else names)
+      rows, dim = leaf.value.shape
+      out.append(Table(name, names, int(rows), int(dim), str(leaf.value.dtype)))
+  return out
+
+
+def table_spec(kind: str) -> P:
+  if kind not in KINDS:
+    raise ValueError(f"unknown table sharding {kind!r}; choose one of {KINDS}")
+  return {"replicated": P(), "row": P(DATA_AXIS, None), "column": P(None, DATA_AXIS)}[kind]
+
+
+def check_kind(table: Table, kind: str, num_devices: int) -> None:
+  """Raises if ``table`` cannot be sharded ``kind`` over ``num_devices`` devices."""
+  table_spec(kind)
+  if kind == "row" and table.rows % num_devices:
+    raise ValueError(f"table {table.name} has {table.rows} rows, not a multiple of the "
+                     f"{num_devices} devices: row-wise sharding needs a device count that "
+                     f"divides the row alignment (trainers.layers.ROW_ALIGNMENT)")
+  if kind == "column" and table.dim % num_devices:
+    raise ValueError(f"table {table.name} is {table.dim} wide, not a multiple of the "
+                     f"{num_devices} devices: column-wise sharding needs dim % devices == 0")
+
+
+def state_shardings(mesh, params: Any, state: Any, kinds: Mapping[str, str],
+                    tables: Sequence[Table]) -> Any:
+  """NamedShardings for a train ``state`` tree: each table per its kind in ``kinds``
+  (missing: replicated), every other array replicated. Optimizer slots -- any leaf of
+  ``state`` whose key path ends with a table's path and has its shape -- follow
+  their table.
+
+  Args:
+    params: the (unboxed, abstract) params tree, for the table shapes.
+    state: the (abstract) train state.
+  """
+  del params
+  by_path = {t.path: (t, kinds.get(t.name, "replicated")) for t in tables}
+
+  def leaf_sharding(path, leaf):
+    names = _key_names(path)
+    for table_path, (table, kind) in by_path.items():
+      if (names[-len(table_path):] == table_path
+          and tuple(getattr(leaf, "shape", ())) == (table.rows, table.dim)):
+        return NamedSharding(mesh, table_spec(kind))
+    return NamedSharding(mesh, P())
+
+  return jax.tree_util.tree_map_with_path(leaf_sharding, state)
+
+
+# ---------------------------------------------------------------------------
+# Lookups
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  mesh: jax.sharding.Mesh
+  kinds: Mapping[str, str]
+
+
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def use_plan(mesh, kinds: Mapping[str, str]) -> Iterator[None]:
+  """Lookups traced inside this block use the tables' shardings (``kinds``: table
+  name -> kind). Outside it (evaluation in another process, export, serving) a lookup
+  is a plain gather."""
+  previous = getattr(_ACTIVE, "plan", None)
+  _ACTIVE.plan = _Plan(mesh, dict(kinds))
+  try:
+    yield
+  finally:
+    _ACTIVE.plan = previous
+
+
+def traced_with(fn, mesh, kinds: Mapping[str, str]):
+  """``fn`` whose body runs under :func:`use_plan` (wrap a function before jitting it:
+  the plan is read while it is traced)."""
+
+  def wrapped(*args, **kwargs):
+    with use_plan(mesh, kinds):
+      return fn(*args, **kwargs)
+
+  return wrapped
+
+
+def lookup(table: jax.Array, ids: jax.Array, name: str) -> jax.Array:
+  """``table[ids]`` (``[*ids.shape, dim]``) for the table called ``name``, without
+  gathering a sharded table (see the module docstring). Ids outside the table's rows
+  read as zeros under ``row`` sharding and are clipped otherwise (JAX's gather)."""
+  plan = getattr(_ACTIVE, "plan", None)
+  kind = plan.kinds.get(name, "replicated") if plan is not None else "replicated"
+  n = plan.mesh.devices.size if plan is not None else 1
+  if kind == "replicated" or n == 1:
+    return jnp.take(table, ids, axis=0)
+  split = ids.ndim > 0 and ids.shape[0] % n == 0   # batch split over devices, or not
+  ids_spec = P(DATA_AXIS) if split else P()
+  if kind == "row":
+    fn = _row_lookup(split)
+  else:
+    fn = _column_lookup(split)
+  return jax.shard_map(fn, mesh=plan.mesh, in_specs=(table_spec(kind), ids_spec),
+                       out_specs=ids_spec)(table, ids)
+
+
+def _row_lookup(split: bool):
+  def local(shard, ids):
+    if split:
+      ids = jax.lax.all_gather(ids, DATA_AXIS, tiled=True)          # the global batch's ids
+    rows = shard.shape[0]
+    local_ids = ids - jax.lax.axis_index(DATA_AXIS) * rows
+    mine = (local_ids >= 0) & (local_ids < rows)
+    emb = jnp.take(shard, jnp.where(mine, local_ids, 0), axis=0)
+    emb = emb * mine[..., None].astype(emb.dtype)
+    if split:  # sum the partial rows; each device keeps its slice of the batch
+      return jax.lax.psum_scatter(emb, DATA_AXIS, scatter_dimension=0, tiled=True)
+    return jax.lax.psum(emb, DATA_AXIS)
+  return local
+
+
+def _column_lookup(split: bool):
+  def local(shard, ids):
+    if split:
+      ids = jax.lax.all_gather(ids, DATA_AXIS, tiled=True)
+    emb = jnp.take(shard, ids, axis=0)                               # [B, ..., dim / n]
+    if split:  # rows of the batch out, columns in
+      return jax.lax.all_to_all(emb, DATA_AXIS, 0, emb.ndim - 1, tiled=True)
+    return jax.lax.all_gather(emb, DATA_AXIS, axis=emb.ndim - 1, tiled=True)
+  return local
+
+
+# ---------------------------------------------------------------------------
+# Batches across processes
+# ---------------------------------------------------------------------------
+
+
+def process_rows(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This process's rows of a global batch: process ``p`` of ``P`` keeps rows
+  ``[p B/P, (p+1) B/P)``, the rows its devices hold under :func:`batch_sharding`."""
+  count, index = jax.process_count(), jax.process_index()
+  if count == 1:
+    return dict(batch)
+  out = {}
+  for key, value in batch.items():
+    rows = value.shape[0]
+    if rows % count:
+      raise ValueError(f"batch[{key!r}] has {rows} rows, not a multiple of the {count} "
+                       "processes")
+    per = rows // count
+    out[key] = value[index * per:(index + 1) * per]
+  return out
+
+
+def global_batch(mesh, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+  """A global batch, split over the data axis, from every process's full copy of it
+  (each process contributes the rows its devices hold)."""
+  sharding = batch_sharding(mesh)
+  local = process_rows(batch)
+  return {k: jax.make_array_from_process_local_data(sharding, local[k], batch[k].shape)
+          for k in batch}

@@ -69,9 +69,17 @@ class Task:
     """What the jitted train step takes for ``batch``."""
     return batch
 
+  def lookups_per_sample(self, table: str) -> float:
+    """Ids an example looks up in ``table`` (the sharding planner's traffic estimate)."""
+    raise NotImplementedError
+
   # -- evaluation ------------------------------------------------------------
-  def make_evaluator(self, model):
-    """``(variables, data) -> {metric: value}``; ``variables`` as :meth:`selected`."""
+  def make_evaluator(self, model, put=None):
+    """``(variables, data) -> {metric: value}``; ``variables`` as :meth:`selected`.
+
+    ``put``: turns a numpy batch into the (global, sharded) arrays the jitted
+    functions take; None hands them numpy.
+    """
     raise NotImplementedError
 
   def selected(self, state: Mapping[str, Any]) -> Any:
@@ -137,26 +145,36 @@ class Retrieval(Task):
                   else None)
     dropout_rng, negatives_rng = jax.random.split(rng)
 
+    vocab = c.model_config.vocab_size
+
     def fwd(m, b):
       user = m(b["inputs"], b["timestamps"], b["query_timestamps"], deterministic=False)
-      return user, m.all_candidates()
+      return user, (m.all_candidates() if c.loss == "softmax" else None)
 
     user, table = model.apply({"params": params}, batch, method=fwd,
                               rngs={"dropout": dropout_rng})
     if c.loss == "softmax":
       value = losses.softmax_loss(user, batch["targets"], batch["weights"], table,
-                                  c.temperature, normalizer=normalizer)
+                                  c.temperature, normalizer=normalizer, high=vocab)
     else:
       negatives = losses.sample_negatives(negatives_rng, batch["targets"].shape,
-                                          c.num_negatives, c.model_config.vocab_size,
+                                          c.num_negatives, vocab,
                                           c.negative_sharing, c.negative_group)
-      value = losses.sampled_softmax_loss(user, batch["targets"], batch["weights"], table,
+      # Candidate rows through the model's (sharded) lookup, not a gather of the table.
+      take = lambda ids: model.apply({"params": params}, ids, method="candidates")
+      value = losses.sampled_softmax_loss(user, batch["targets"], batch["weights"], take,
                                           negatives, c.temperature, normalizer)
     return value, model_state
 
-  def make_evaluator(self, model):
+  def lookups_per_sample(self, table):
+    # inputs and targets at every position, plus the negatives shared by a group
+    c = self.config
+    negatives = c.num_negatives / max(c.negative_group, 1) if c.loss != "softmax" else 0
+    return c.max_len * (2 + negatives)
+
+  def make_evaluator(self, model, put=None):
     from trainers import evaluate  # pylint: disable=g-import-not-at-top
-    step = evaluate.make_eval_step(model, self.config)
+    step = evaluate.make_eval_step(model, self.config, put)
     return lambda params, data: evaluate.run_eval(step, params, data)
 
   def selected(self, state):
@@ -242,8 +260,16 @@ class Ranking(Task):
 
     return logits
 
-  def make_evaluator(self, model):
+  def lookups_per_sample(self, table):
+    widths = {f"multi_hot_{f.name}": f.multi_hot for f in self.info.multi_hot}
+    return float(widths.get(table.rsplit("/", 1)[-1], 1))
+
+  def make_evaluator(self, model, put=None):
     logits = self.make_logits(model)
+    if put is not None:  # every process reads the whole (replicated) logits
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      sharded = logits
+      logits = lambda v, b: multihost_utils.process_allgather(sharded(v, put(b)), tiled=True)
 
     def evaluate(variables, data: RankingData) -> dict[str, float]:
       return metrics.binary_compute(binary_state(logits, variables, data))

@@ -1,6 +1,6 @@
 """The train loop: ``train_and_evaluate(config, workdir)``.
 
-Reads top to bottom: setup, mesh, input, model + optimizer, sharding, step
+Reads top to bottom: setup, mesh, input, model + sharding plan + state + step
 functions, checkpoint restore, eval setup, loop, summary. A run resumes from
 its work directory by itself: re-running the same command after a crash
 continues from the last completed epoch and ends with the same parameters as
@@ -15,6 +15,7 @@ metric, timing), ``checkpoints/{latest,best}``, ``tb/`` (TensorBoard).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ import optax
 import tensorboardX
 import tqdm
 
-from trainers import configs, features, models, sharding, tasks
+from trainers import configs, distributed, features, models, planner, sharding, tasks
 from trainers.checkpoints import (METRICS_FILE, Checkpoints, abstract_tree, best_meta,
                                   check_resume, save_config)
 from trainers.evaluate import dataset_name
@@ -93,6 +94,55 @@ def make_train_step(model, tx, task: tasks.Task, base_rng: jax.Array):
   return train_step
 
 
+@dataclasses.dataclass
+class Built:
+  """What :func:`build` returns: the model, its sharding plan, the initial sharded state
+  and the jitted train step ``(state, global batch) -> (state, loss)``."""
+
+  model: Any
+  plan: planner.Plan
+  tables: list[sharding.Table]
+  kinds: dict[str, str]
+  state: Any
+  state_shardings: Any
+  train_step: Any
+
+
+def build(config: configs.TrainConfig, task: tasks.Task, mesh) -> Built:
+  """The model, optimizer and sharding plan of ``config`` on ``mesh``, the initial state
+  (each device initialises only its shards) and the jitted train step. ``task`` must be
+  prepared (:meth:`trainers.tasks.Task.prepare`)."""
+  model = models.build(config.model, config.model_config)
+  tx = make_optimizer(config)
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+
+  def init_state():
+    variables = {k: nn.meta.unbox(v) for k, v in task.init(model, init_rng).items()}
+    params = variables.pop("params")
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt_state": tx.init(params)}
+    if variables:  # batch-norm statistics and other non-trained collections
+      state["model_state"] = variables
+    return state
+
+  n_dev = mesh.devices.size
+  boxed = jax.eval_shape(lambda: task.init(model, init_rng))
+  tables = sharding.find_tables(boxed["params"])
+  plan = plan_tables(config, task, tables, n_dev)
+  kinds = {t.name: plan.kind(t.name) for t in tables}
+  for t in tables:
+    sharding.check_kind(t, kinds[t.name], n_dev)
+  state_shardings = sharding.state_shardings(mesh, None, jax.eval_shape(init_state), kinds,
+                                             tables)
+  state = jax.jit(init_state, out_shardings=state_shardings)()
+  train_step = jax.jit(sharding.traced_with(make_train_step(model, tx, task, train_rng),
+                                            mesh, kinds),
+                       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                       out_shardings=(state_shardings, sharding.replicated(mesh)),
+                       donate_argnums=(0,))
+  return Built(model, plan, tables, kinds, state, state_shardings, train_step)
+
+
 def _better(value: float, best: float | None, lower: bool = False) -> bool:
   return best is None or (value < best if lower else value > best)
 
@@ -107,6 +157,8 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
   if not config.data_dir:
     raise ValueError("config.data_dir is empty: pass the dataset directory (--data)")
+  distributed.initialize()  # joins the job's other processes, if any (from the environment)
+  primary = distributed.is_primary()  # only process 0 writes logs, metrics and the plan
   task = tasks.for_config(config)
   config = task.prepare()  # the model's vocabulary sizes come from the dataset
   # The work directory's own run continues only with its config (checked before any write).
@@ -114,13 +166,15 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
   if record is not None and record.get("stopped") and config.epochs > record["epoch"]:
     log.warning("%s stopped early after epoch %d: more epochs continue nothing (patience %d)",
                 workdir, record["epoch"], config.patience)
-  save_config(workdir, config.to_json())
+  if primary:
+    save_config(workdir, config.to_json())
+  _sync("config")
   if task.name == "retrieval" and config.max_len > task.info.max_len:
     log.warning("model max_len %d exceeds the dataset's %d: sequences are at most %d long",
                 config.max_len, task.info.max_len, task.info.max_len)
 
   # ----------------------------------------------------------------- mesh
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(config.num_devices)
   n_dev = mesh.devices.size
   if config.batch_size % n_dev or config.eval_batch_size % n_dev:
     raise ValueError(f"batch sizes ({config.batch_size}, {config.eval_batch_size}) must be "
@@ -135,42 +189,15 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
   if config.max_steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
 
-  # ----------------------------------------------------------------- model + optimizer
-  model = models.build(config.model, config.model_config)
-  tx = make_optimizer(config)
-  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-
-  def init_state():
-    variables = {k: nn.meta.unbox(v) for k, v in task.init(model, init_rng).items()}
-    params = variables.pop("params")
-    state = {"step": jnp.zeros((), jnp.int32), "params": params,
-             "opt_state": tx.init(params)}
-    if variables:  # batch-norm statistics and other non-trained collections
-      state["model_state"] = variables
-    return state
-
-  # ----------------------------------------------------------------- sharding
-  boxed = jax.eval_shape(lambda: task.init(model, init_rng))
-  param_shardings = sharding.param_shardings(mesh, boxed)["params"]
-  abstract_state = jax.eval_shape(init_state)
-  state_shardings = {
-      "step": sharding.replicated(mesh),
-      "params": param_shardings,
-      "opt_state": jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state["opt_state"]),
-  }
-  if "model_state" in abstract_state:
-    state_shardings["model_state"] = jax.tree.map(lambda _: sharding.replicated(mesh),
-                                                  abstract_state["model_state"])
-  batch_sharding = sharding.batch_sharding(mesh)
-  state = jax.jit(init_state, out_shardings=state_shardings)()
+  # ----------------------------------------------------------------- model, sharding, step
+  built = build(config, task, mesh)
+  model, state, kinds, tables = built.model, built.state, built.kinds, built.tables
+  if primary:
+    print(built.plan.format_table(), flush=True)
+    built.plan.save(workdir)  # sharding_plan.{json,txt}, next to the checkpoints
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state["params"]))
-
-  # ----------------------------------------------------------------- step functions
-  train_step = jax.jit(make_train_step(model, tx, task, train_rng),
-                       in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, sharding.replicated(mesh)),
-                       donate_argnums=(0,))
-  evaluator = task.make_evaluator(model)
+  train_step = built.train_step
+  evaluator = task.make_evaluator(model, put=lambda b: sharding.global_batch(mesh, b))
 
   # ----------------------------------------------------------------- checkpoint restore
   ckpt = Checkpoints(workdir)
@@ -182,15 +209,17 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
     log.info("resumed from epoch %d (step %d)", meta["epoch"], int(state["step"]))
     ckpt.check_best(meta, task.selected(state))
   # The log is rewritten from the checkpoint, dropping epochs that were logged but not saved.
-  with open(os.path.join(workdir, LOG_FILE), "w") as f:
-    f.writelines(json.dumps(e) + "\n" for e in meta["history"])
+  if primary:
+    with open(os.path.join(workdir, LOG_FILE), "w") as f:
+      f.writelines(json.dumps(e) + "\n" for e in meta["history"])
 
   # ----------------------------------------------------------------- eval setup
-  tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
+  tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb")) if primary else None
   metric_name = config.selection_metric
 
   def evaluate_all(variables) -> dict[str, dict[str, float]]:
-    return {split: evaluator(variables, data) for split, data in eval_data.items()}
+    with sharding.use_plan(mesh, kinds):  # traced on the first call: sharded lookups
+      return {split: evaluator(variables, data) for split, data in eval_data.items()}
 
   # ----------------------------------------------------------------- loop
   show_bar = sys.stderr.isatty()
@@ -204,7 +233,7 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
     pending = None
     for batch in train_data.batches(epoch, config.seed, config.max_steps_per_epoch):
       sequences += task.count(batch)
-      state, loss = train_step(state, task.device_batch(batch))
+      state, loss = train_step(state, sharding.global_batch(mesh, task.device_batch(batch)))
       if pending is not None:  # read the previous loss: keeps the device a step ahead
         losses_sum += float(pending)
         loss_count += 1
@@ -243,7 +272,8 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
           meta["stopped"] = True
     meta["history"].append(entry)
     meta["epoch"] = epoch
-    _log_epoch(entry, metric_name, tb, workdir, task.unit, epochs=config.epochs)
+    if primary:
+      _log_epoch(entry, metric_name, tb, workdir, task.unit, epochs=config.epochs)
     # latest (whose record names the best epoch) first, then best: a kill in between
     # leaves a record that check_best repairs from the latest state on resume.
     ckpt.save_latest(epoch, state, meta)
@@ -251,20 +281,56 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
       ckpt.save_best(epoch, task.selected(state), best_meta(meta["best"]))
   ckpt.wait()
   ckpt.close()
-  tb.close()
+  if tb is not None:
+    tb.close()
 
   # ----------------------------------------------------------------- summary
   summary = _summary(config, meta, num_params, steps_per_epoch, task.unit)
   summary.update(task.info_facts())
   summary["dataset"] = dataset_name(config.data_dir)
   summary.update(eval_facts)
+  summary.update(num_devices=n_dev, num_processes=jax.process_count(),
+                 sharding={t.name: kinds[t.name] for t in tables})
   # Written once every checkpoint is durable, atomically: it names the selected epoch.
-  metrics_path = os.path.join(workdir, METRICS_FILE)
-  with open(f"{metrics_path}.tmp", "w") as f:
-    json.dump(summary, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(f"{metrics_path}.tmp", metrics_path)
+  if primary:
+    metrics_path = os.path.join(workdir, METRICS_FILE)
+    with open(f"{metrics_path}.tmp", "w") as f:
+      json.dump(summary, f, indent=2, sort_keys=True)
+      f.write("\n")
+    os.replace(f"{metrics_path}.tmp", metrics_path)
+  _sync("metrics")
   return summary
+
+
+def _sync(name: str) -> None:
+  """Waits for every process (a no-op in a single-process run)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"recml-train-{name}")
+
+
+def plan_tables(config: configs.TrainConfig, task: tasks.Task,
+                tables: list[sharding.Table], num_devices: int) -> planner.Plan:
+  """The sharding plan of the model's embedding tables: the planner's choice under
+  ``device_memory_gb`` (``embedding_sharding="auto"``), or the configured kind for
+  every table; ``sharding_pins`` win either way."""
+  specs = [planner.TableSpec(
+      name=t.name, rows=t.rows, dim=t.dim, param_bytes=np.dtype(t.dtype).itemsize,
+      optimizer_bytes=4 if config.optimizer == "adagrad" else 8,
+      lookups_per_sample=task.lookups_per_sample(t.name)) for t in tables]
+  pins = config.pins()
+  unknown = sorted(set(pins) - {t.name for t in tables})
+  if unknown:
+    raise ValueError(f"sharding_pins name {unknown}, not tables of {config.model}; its "
+                     f"tables: {[t.name for t in tables]}")
+  if config.embedding_sharding != "auto":
+    for t in tables:  # a clear error before the planner's
+      sharding.check_kind(t, pins.get(t.name, config.embedding_sharding), num_devices)
+  kinds = (sharding.KINDS if config.embedding_sharding == "auto"
+           else (config.embedding_sharding,))
+  return planner.plan_tables(
+      specs, num_devices, budget_bytes=int(config.device_memory_gb * 2**30),
+      batch_size=config.batch_size, pins=pins, kinds=kinds)
 
 
 def _log_epoch(entry: dict[str, Any], metric_name: str, tb, workdir: str,

@@ -184,7 +184,9 @@ def test_feature_embeddings_lookup_and_pooling(pooling):
   # Every table is (vocab, embed): one rule shards them all row-wise.
   specs = nn.get_partition_spec(variables)["params"]
   assert {tuple(s["embedding"]) for s in specs.values()} == {(layers.VOCAB, layers.EMBED)}
-  assert params["sparse_1"]["embedding"].shape == (9, 3)
+  # 9 ids in a table padded to the row alignment with zero rows (even row-wise shards).
+  assert params["sparse_1"]["embedding"].shape == (layers.ROW_ALIGNMENT, 3)
+  np.testing.assert_array_equal(np.asarray(params["sparse_1"]["embedding"])[9:], 0.0)
 
 
 def test_feature_embeddings_refuse_mismatched_batches():
@@ -305,7 +307,7 @@ def test_dlrm_v2_preset_has_the_mlperf_shapes():
   assert shapes["cross"]["u_2"]["kernel"] == (512, d)
   assert [shapes["top"][f"dense_{i}"]["kernel"][1] for i in range(4)] + [
       shapes["logit"]["kernel"][1]] == [1024, 1024, 512, 256, 1]
-  assert shapes["embeddings"]["sparse_25"]["embedding"] == (10, 128)
+  assert shapes["embeddings"]["sparse_25"]["embedding"] == (layers.padded_rows(10), 128)
 
 
 def test_tiny_model_learns_a_separable_task():

@@ -30,6 +30,11 @@ over every row of every embedding table, added to the batch's mean loss at each 
 This is FuxiCTR's ``embedding_regularizer`` (``BaseModel.add_regularization``
 penalises the whole ``embedding_layer`` parameters, not only the rows looked up in
 the batch), so BARS's tuned values carry over unchanged.
+
+``dtype`` is the computation dtype: with ``bfloat16`` the embeddings (looked up in
+float32) are cast to bf16 and the MLPs, cross layers and dot interaction run in bf16;
+parameters, batch-norm statistics, the regulariser and the logit layer (float32 logits
+for the loss and scoring) stay float32.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ class DLRMConfig:
   top_mlp: tuple[int, ...] = (64, 32)  # hidden widths; the logit layer is added
   batch_norm: bool = False
   dropout: float = 0.0
+  dtype: str = "float32"              # computation dtype (layers.DTYPES); params stay float32
 
   def __post_init__(self):
     for name in ("vocab_sizes", "embed_dims", "bottom_mlp", "deep_mlp", "top_mlp"):
@@ -88,6 +94,8 @@ class DLRMConfig:
         (self.multi_hot_pooling in layers.POOLINGS,
          f"multi_hot_pooling must be one of {layers.POOLINGS}, got {self.multi_hot_pooling!r}"),
         (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
+        (self.dtype in layers.DTYPES,
+         f"dtype must be one of {layers.DTYPES}, got {self.dtype!r}"),
         (self.embedding_l2 >= 0, f"embedding_l2 must be >= 0, got {self.embedding_l2}"),
         (self.num_dense >= 0, f"num_dense must be >= 0, got {self.num_dense}"),
         (self.cross_layers >= 0, f"cross_layers must be >= 0, got {self.cross_layers}"),
@@ -127,23 +135,26 @@ class DLRMConfig:
 
 class MLP(nn.Module):
   """Dense -> [BatchNorm] -> ReLU -> [Dropout] per layer; ``activate_last=False`` leaves
-  the last layer linear. ``mask`` ``[B, 1]`` marks the rows batch statistics count."""
+  the last layer linear. ``mask`` ``[B, 1]`` marks the rows batch statistics count.
+  Computes in ``dtype``; batch-norm statistics are float32."""
 
   widths: tuple[int, ...]
   batch_norm: bool = False
   dropout: float = 0.0
   activate_last: bool = True
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True,
                mask: jax.Array | None = None) -> jax.Array:
     for i, width in enumerate(self.widths):
-      x = layers.dense(width, (layers.EMBED, layers.MLP), name=f"dense_{i}")(x)
+      x = layers.dense(width, (layers.EMBED, layers.MLP), dtype=self.dtype,
+                       name=f"dense_{i}")(x)
       if i == len(self.widths) - 1 and not self.activate_last:
         break
       if self.batch_norm:
         x = nn.BatchNorm(
-            use_running_average=deterministic, momentum=0.9, epsilon=1e-5,
+            use_running_average=deterministic, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
             scale_init=nn.with_logical_partitioning(nn.initializers.ones, (layers.MLP,)),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (layers.MLP,)),
             name=f"norm_{i}")(x, mask=None if deterministic else mask)
@@ -157,11 +168,13 @@ class CrossNetwork(nn.Module):
 
   ``rank == 0``: ``W_l`` full (``w_<l>``, kernel ``[d, d]``); ``rank > 0``:
   ``W_l = U_l V_l^T`` (``v_<l>`` kernel ``[d, r]`` without bias, then ``u_<l>``
-  kernel ``[r, d]`` with the bias ``b_l``), TorchRec's ``LowRankCrossNet``.
+  kernel ``[r, d]`` with the bias ``b_l``), TorchRec's ``LowRankCrossNet``. Computes
+  in ``dtype``.
   """
 
   num_layers: int
   rank: int = 0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x0: jax.Array) -> jax.Array:
@@ -170,10 +183,10 @@ class CrossNetwork(nn.Module):
     for i in range(self.num_layers):
       if self.rank:
         h = layers.dense(self.rank, (layers.EMBED, layers.MLP), use_bias=False,
-                         name=f"v_{i}")(x)
-        h = layers.dense(d, (layers.MLP, layers.EMBED), name=f"u_{i}")(h)
+                         dtype=self.dtype, name=f"v_{i}")(x)
+        h = layers.dense(d, (layers.MLP, layers.EMBED), dtype=self.dtype, name=f"u_{i}")(h)
       else:
-        h = layers.dense(d, (layers.EMBED, layers.MLP), name=f"w_{i}")(x)
+        h = layers.dense(d, (layers.EMBED, layers.MLP), dtype=self.dtype, name=f"w_{i}")(x)
       x = x0 * h + x
     return x
 
@@ -208,6 +221,7 @@ class DLRM(nn.Module):
   @nn.compact
   def __call__(self, batch: Mapping[str, Any], deterministic: bool = True) -> jax.Array:
     c = self.config
+    dtype = layers.compute_dtype(c.dtype)
     # A dataset without single-valued categorical features may carry no "sparse".
     sparse = _batch_array(batch, "sparse") if c.vocab_sizes or "sparse" in batch else None
     mask = None
@@ -220,30 +234,35 @@ class DLRM(nn.Module):
       if dense.shape[-1] != c.num_dense or missing.shape != dense.shape:
         raise ValueError(f"batch['dense'] {dense.shape} / batch['dense_missing'] "
                          f"{missing.shape}: the model has num_dense={c.num_dense}")
-      x = jnp.concatenate([dense, missing], axis=-1).astype(jnp.float32)
-      parts.append(MLP(c.bottom_mlp, name="bottom")(x, deterministic) if c.bottom_mlp else x)
+      x = jnp.concatenate([dense, missing], axis=-1).astype(dtype)
+      parts.append(MLP(c.bottom_mlp, dtype=dtype, name="bottom")(x, deterministic)
+                   if c.bottom_mlp else x)
     multi_hot = {name: _batch_array(batch, f"multi_hot/{name}") for name, _ in c.multi_hot}
     embedded = layers.FeatureEmbeddings(
         c.vocab_sizes, c.feature_dims,
         multi_hot=tuple((name, vocab, c.embed_dim) for name, vocab in c.multi_hot),
         pooling=c.multi_hot_pooling, stddev=c.embed_init_stddev,
         name="embeddings")(sparse, multi_hot)
+    embedded = [e.astype(dtype) for e in embedded]  # looked up in float32
     x0 = jnp.concatenate(parts + embedded, axis=-1)
 
     if c.interaction == "dcnv2":
-      interaction = CrossNetwork(c.cross_layers, c.cross_rank, name="cross")(x0)
+      interaction = CrossNetwork(c.cross_layers, c.cross_rank, dtype, name="cross")(x0)
     elif c.interaction == "dot":
       pairs = dot_interaction(jnp.stack(parts + embedded, axis=1))
       interaction = jnp.concatenate(parts + [pairs], axis=-1)
     else:
       interaction = x0
 
-    deep = MLP(c.deep_mlp, c.batch_norm, c.dropout, name="deep")
+    deep = MLP(c.deep_mlp, c.batch_norm, c.dropout, dtype=dtype, name="deep")
     if c.structure == "parallel":
       h = jnp.concatenate([interaction, deep(x0, deterministic, mask)], axis=-1)
     else:
       h = deep(interaction, deterministic, mask)
-    h = MLP(c.top_mlp, c.batch_norm, c.dropout, name="top")(h, deterministic, mask)
+    h = MLP(c.top_mlp, c.batch_norm, c.dropout, dtype=dtype, name="top")(h, deterministic,
+                                                                         mask)
+    # The logit layer in float32: float32 logits for the loss and scoring.
+    h = h.astype(jnp.float32)
     return layers.dense(1, (layers.MLP, layers.EMBED), name="logit")(h)[..., 0]
 
   def regularization(self, batch: Mapping[str, Any] | None = None) -> jax.Array:

@@ -15,6 +15,12 @@ per-sequence reference (:func:`trainers.features.time_words`); gaps are computed
 word by word (:func:`time_gaps`), so they never overflow. No
 feed-forward network. Layer norms inside the block have no learned scale, as in
 the paper's code.
+
+``dtype`` is the computation dtype: with ``bfloat16`` the projections, the attention
+(``rab`` cast once, the SiLU scores and both matmuls) and the residual stream run in
+bf16, as under the paper code's bf16 autocast; parameters, layer-norm statistics, the
+time gaps and buckets, and the output (user representations, float32 for the loss and
+scoring) stay float32.
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ class HSTUConfig:
   position_bias: bool = True
   time_bias: bool = True
   l2_normalize: bool = True
+  dtype: str = "float32"       # computation dtype (layers.DTYPES); parameters stay float32
+
+  def __post_init__(self):
+    layers.compute_dtype(self.dtype, "HSTUConfig")
 
 
 def _time_words(times: jax.Array) -> jax.Array:
@@ -111,12 +121,13 @@ class HSTUBlock(nn.Module):
                deterministic: bool, last_only: bool = False) -> jax.Array:
     """``[B, L, D]`` -> ``[B, L, D]``; with ``last_only`` ``[B, 1, D]`` (last query only)."""
     c = self.config
+    dtype = layers.compute_dtype(c.dtype)
     b, length, _ = x.shape
     h, dqk, dv = c.num_heads, c.attention_dim, c.linear_dim
-    normed = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False)(x)
+    normed = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=dtype)(x)
     uvqk = layers.dense(2 * h * dv + 2 * h * dqk, (layers.EMBED, layers.MLP),
                         use_bias=False, kernel_init=layers.truncated_normal(0.02),
-                        name="uvqk")(normed)
+                        dtype=dtype, name="uvqk")(normed)
     uvqk = nn.silu(uvqk)
     u, v, q, k = jnp.split(uvqk, [h * dv, 2 * h * dv, 2 * h * dv + h * dqk], axis=-1)
     if last_only:
@@ -131,9 +142,10 @@ class HSTUBlock(nn.Module):
     attn = nn.silu(scores) / c.max_len * mask
     attn = layers.Dropout(c.attention_dropout)(attn, deterministic)
     out = jnp.einsum("bhij,bjhd->bihd", attn, v).reshape(b, queries, h * dv)
-    out = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False)(out)
+    out = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=dtype)(out)
     out = layers.Dropout(c.dropout)(u * out, deterministic)
-    return x + layers.dense(c.embedding_dim, (layers.MLP, layers.EMBED), name="out")(out)
+    return x + layers.dense(c.embedding_dim, (layers.MLP, layers.EMBED), dtype=dtype,
+                            name="out")(out)
 
 
 class HSTU(nn.Module):
@@ -157,20 +169,22 @@ class HSTU(nn.Module):
     the same numbers as ``[:, -1:]`` of the full output.
     """
     c = self.config
+    dtype = layers.compute_dtype(c.dtype)
     x, valid = layers.embed_sequence(self.item_embedding, self.position_embedding,
-                                     self.input_dropout, item_ids, deterministic)
-    mask = layers.causal_mask(valid).astype(x.dtype)
-    rab = self.relative_bias(timestamps, query_timestamps, item_ids.shape[-1])
+                                     self.input_dropout, item_ids, deterministic, dtype)
+    mask = layers.causal_mask(valid).astype(dtype)
+    rab = self.relative_bias(timestamps, query_timestamps, item_ids.shape[-1]).astype(dtype)
     for i, block in enumerate(self.blocks):
       last = last_only and i == len(self.blocks) - 1
       x = block(x, mask, rab, deterministic, last_only=last)
       x = x * valid[:, -x.shape[1]:, None]
     if last_only:
       x = x[:, -1:]
+    x = x.astype(jnp.float32)  # float32 out: the loss and scoring
     return layers.l2_normalize(x) if c.l2_normalize else x
 
   def candidates(self, ids: jax.Array) -> jax.Array:
-    return self.item_embedding.candidates(ids)
+    return self.item_embedding.candidates(ids).astype(jnp.float32)  # for the loss
 
   def all_candidates(self) -> jax.Array:
-    return self.item_embedding.all_candidates()
+    return self.item_embedding.all_candidates().astype(jnp.float32)  # loss and scoring

@@ -5,6 +5,11 @@ feed-forward network, learned absolute positions, dropout. The output at
 position ``t`` is the user representation after seeing items ``<= t``; with
 ``l2_normalize`` it is unit-length, as are the item candidates (the HSTU paper's
 SASRec baseline with sampled softmax).
+
+``dtype`` is the computation dtype: with ``bfloat16`` the dense layers, attention
+matmuls and the residual stream run in bf16, while parameters, layer-norm statistics,
+the attention softmax and the output (user representations, float32 for the loss and
+scoring) stay float32.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ class SASRecConfig:
   ffn_dim: int = 50
   dropout: float = 0.2
   l2_normalize: bool = True
+  dtype: str = "float32"       # computation dtype (layers.DTYPES); parameters stay float32
+
+  def __post_init__(self):
+    layers.compute_dtype(self.dtype, "SASRecConfig")
 
 
 class CausalSelfAttention(nn.Module):
@@ -42,17 +51,21 @@ class CausalSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x, mask, deterministic: bool, last_only: bool = False):
     c = self.config
+    dtype = layers.compute_dtype(c.dtype)
     b, length, d = x.shape
     h = c.num_heads
-    qkv = layers.dense(3 * d, (layers.EMBED, layers.HEADS), name="qkv")(x)
+    qkv = layers.dense(3 * d, (layers.EMBED, layers.HEADS), dtype=dtype, name="qkv")(x)
     q, k, v = (t.reshape(b, length, h, d // h) for t in jnp.split(qkv, 3, axis=-1))
     if last_only:
       q, mask = q[:, -1:], mask[:, :, -1:]
-    logits = jnp.einsum("bihd,bjhd->bhij", q, k) / jnp.sqrt(float(d // h))
+    # Scores and softmax in float32 whatever the computation dtype.
+    logits = jnp.einsum("bihd,bjhd->bhij", q, k,
+                        preferred_element_type=jnp.float32) / jnp.sqrt(float(d // h))
     logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    weights = layers.Dropout(c.dropout)(jax.nn.softmax(logits, axis=-1), deterministic)
+    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    weights = layers.Dropout(c.dropout)(weights, deterministic)
     out = jnp.einsum("bhij,bjhd->bihd", weights, v).reshape(b, q.shape[1], d)
-    return layers.dense(d, (layers.HEADS, layers.EMBED), name="out")(out)
+    return layers.dense(d, (layers.HEADS, layers.EMBED), dtype=dtype, name="out")(out)
 
 
 class _Block(nn.Module):
@@ -61,15 +74,16 @@ class _Block(nn.Module):
   @nn.compact
   def __call__(self, x, mask, deterministic: bool, last_only: bool = False):
     c = self.config
-    h = nn.LayerNorm(epsilon=1e-8)(x)
+    dtype = layers.compute_dtype(c.dtype)
+    h = nn.LayerNorm(epsilon=1e-8, dtype=dtype)(x)  # statistics in float32
     h = CausalSelfAttention(c)(h, mask, deterministic, last_only)
     if last_only:
       x = x[:, -1:]
     x = x + layers.Dropout(c.dropout)(h, deterministic)
-    h = nn.LayerNorm(epsilon=1e-8)(x)
-    h = layers.dense(c.ffn_dim, (layers.EMBED, layers.MLP))(h)
+    h = nn.LayerNorm(epsilon=1e-8, dtype=dtype)(x)
+    h = layers.dense(c.ffn_dim, (layers.EMBED, layers.MLP), dtype=dtype)(h)
     h = layers.Dropout(c.dropout)(nn.relu(h), deterministic)
-    h = layers.dense(c.embedding_dim, (layers.MLP, layers.EMBED))(h)
+    h = layers.dense(c.embedding_dim, (layers.MLP, layers.EMBED), dtype=dtype)(h)
     return x + layers.Dropout(c.dropout)(h, deterministic)
 
 
@@ -97,7 +111,8 @@ class SASRec(nn.Module):
     del timestamps, query_timestamps  # SASRec ignores time
     c = self.config
     x, valid = layers.embed_sequence(self.item_embedding, self.position_embedding,
-                                     self.input_dropout, item_ids, deterministic)
+                                     self.input_dropout, item_ids, deterministic,
+                                     layers.compute_dtype(c.dtype))
     mask = layers.causal_mask(valid)
     for i, block in enumerate(self.blocks):
       last = last_only and i == len(self.blocks) - 1
@@ -105,11 +120,11 @@ class SASRec(nn.Module):
       x = x * valid[:, -x.shape[1]:, None]
     if last_only:
       x = x[:, -1:]
-    x = self.final_norm(x)
+    x = self.final_norm(x.astype(jnp.float32))  # float32 out: the loss and scoring
     return layers.l2_normalize(x) if c.l2_normalize else x
 
   def candidates(self, ids: jax.Array) -> jax.Array:
-    return self.item_embedding.candidates(ids)
+    return self.item_embedding.candidates(ids).astype(jnp.float32)  # for the loss
 
   def all_candidates(self) -> jax.Array:
-    return self.item_embedding.all_candidates()
+    return self.item_embedding.all_candidates().astype(jnp.float32)  # loss and scoring

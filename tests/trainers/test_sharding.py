@@ -1,0 +1,138 @@
+"""Sharded training on 8 virtual CPU devices, against single-device and single-process runs.
+
+Each test starts a fresh Python process (tests/trainers/sharding_runs.py) with
+``--xla_force_host_platform_device_count``: the device count is fixed when JAX starts.
+References are independent runs: one device, one process, an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.trainers.conftest import write_cyclic_dataset
+from tests.trainers.test_ranking_train import _write as write_clicks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TIMEOUT = 600
+
+
+def _env(**extra) -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items() if not k.startswith("RECML_")}
+  env.update(TF_CPP_MIN_LOG_LEVEL="3", **extra)
+  return env
+
+
+def _run(devices: int, scenario: str, *args: str, env=None) -> dict:
+  proc = subprocess.run(
+      [sys.executable, "-m", "tests.trainers.sharding_runs", str(devices), scenario, *args],
+      cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=TIMEOUT)
+  return _result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def _result(code: int, stdout: str, stderr: str) -> dict:
+  lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
+  assert code == 0 and lines, f"exit {code}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def sequences(tmp_path_factory):
+  return write_cyclic_dataset(tmp_path_factory.mktemp("cyclic"))
+
+
+@pytest.fixture(scope="module")
+def clicks(tmp_path_factory):
+  data = str(tmp_path_factory.mktemp("clicks"))
+  write_clicks(data)
+  return data
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("model", ["sasrec", "dcnv2"])
+def test_every_table_sharding_trains_like_one_device(model, sequences, clicks, tmp_path):
+  data = sequences if model == "sasrec" else clicks
+  out = _run(8, "equivalence", model, data, str(tmp_path))
+  reference = np.array(out["reference"])
+  assert len(reference) == 2 and reference[1] < reference[0]  # it trained
+  for kind in ("replicated", "row", "column"):
+    assert out[kind]["kinds"] == [kind]  # every table of the model got that sharding
+    np.testing.assert_allclose(out[kind]["losses"], reference, rtol=1e-6)
+    assert out[kind]["param_gap"] < 1e-6, (kind, out[kind]["param_gap"])
+
+
+def test_row_wise_lookup_never_gathers_the_table():
+  out = _run(8, "hlo")
+  rows, dim = out["rows"], out["dim"]
+  ops = [op for op, _ in out["collectives"]]
+  # The partial rows are summed and scattered (forward), output gradients gathered
+  # (backward): activations move, the table does not.
+  assert "reduce-scatter" in ops, out
+  for op, shape in out["collectives"]:
+    dims = [int(x) for x in shape.split("[")[1].split("]")[0].split(",") if x]
+    assert not (op == "all-gather" and rows in dims), (op, shape)
+    assert np.prod(dims) < rows * dim, (op, shape)  # nothing table-sized crosses devices
+
+
+def test_a_budget_below_the_table_forces_row_wise(sequences, tmp_path):
+  out = _run(8, "budget", sequences, str(tmp_path))
+  plan, budget = out["plan"], out["plan"]["budget_bytes"]
+  (table,) = plan["tables"]
+  assert out["replicated_bytes"] > budget  # replicated (and table-wise) cannot fit
+  assert table["kind"] == "row"  # 12 wide: no column split over 8 devices
+  assert table["bytes_per_device"] == out["replicated_bytes"] // 8 <= budget
+  assert (tmp_path / "sharding_plan.txt").read_text().count("item_embedding") == 1
+
+
+@pytest.mark.integration
+def test_checkpoint_from_8_devices_continues_on_1_and_4(sequences, tmp_path):
+  out = _run(8, "reshard", "sasrec", sequences, str(tmp_path))
+  full = np.array(out["uninterrupted"])
+  for devices in (1, 4):
+    got = out[f"resumed_on_{devices}"]
+    np.testing.assert_allclose(got["losses"], full, rtol=1e-6)
+    assert got["param_gap"] < 1e-6, (devices, got["param_gap"])
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_two_processes_of_4_devices_train_like_one_process_of_8(sequences, tmp_path):
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "tests.trainers.sharding_runs", "4", "multiprocess", "sasrec",
+       sequences, str(tmp_path / "two")], cwd=ROOT, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      env=_env(RECML_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", RECML_NUM_PROCESSES="2",
+               RECML_PROCESS_ID=str(i))) for i in range(2)]
+  outs = []
+  for proc in procs:
+    try:
+      stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    finally:
+      for p in procs:
+        p.kill() if p.poll() is None else None
+    outs.append(_result(proc.returncode, stdout, stderr))
+  one = _run(8, "multiprocess", "sasrec", sequences, str(tmp_path / "one"))
+  assert [o["processes"] for o in outs] == [2, 2] and one["processes"] == 1
+  assert {o["devices"] for o in outs} == {one["devices"]} == {8}
+  np.testing.assert_allclose(outs[0]["losses"], one["losses"], rtol=1e-6)
+  two, ref = np.load(tmp_path / "two" / "params.npz"), np.load(tmp_path / "one" / "params.npz")
+  assert sorted(two.files) == sorted(ref.files)
+  for name in ref.files:
+    if name.endswith("qkv/bias"):  # key bias: zero true gradient (see sharding_runs.max_diff)
+      continue
+    np.testing.assert_allclose(two[name], ref[name], atol=1e-6, err_msg=name)
+  # Only process 0 wrote the run's files.
+  metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+  assert metrics["num_processes"] == 2 and metrics["num_devices"] == 8
