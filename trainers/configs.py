@@ -31,7 +31,7 @@ NEGATIVE_SHARING = ("position", "group", "sequence", "batch")
 # ("all"), only the last max_len items the model reads ("window", the HSTU code), none.
 HISTORY_EXCLUSION = ("all", "window", "none")
 # How embedding tables are placed: the planner, or one kind of trainers.sharding.KINDS.
-EMBEDDING_SHARDING = ("auto", "replicated", "row", "column")
+EMBEDDING_SHARDING = ("auto", "replicated", "table", "row", "column")
 
 
 def history_exclusion(value: Any) -> str:
@@ -98,7 +98,7 @@ class TrainConfig:
   # do not change the math, so a run may resume on another mesh or plan
   num_devices: int = 0                # devices of the mesh; 0 = every device of every process
   # Embedding tables: "auto" (the planner chooses per table), or one of
-  # trainers.sharding.KINDS for every table ("replicated", "row", "column").
+  # trainers.sharding.KINDS for every table ("replicated", "table", "row", "column").
   embedding_sharding: str = "auto"
   sharding_pins: tuple[str, ...] = ()  # "TABLE=KIND" (e.g. item_embedding=row): pinned choices
   device_memory_gb: float = 0.0       # the planner's per-device budget for tables; 0 = no limit

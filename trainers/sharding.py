@@ -10,7 +10,14 @@ DLRM feature table -- gets one of the :data:`KINDS`:
   padded to a multiple of :data:`trainers.layers.ROW_ALIGNMENT` rows, so the same
   shapes shard over 1, 2, 4, 8, ... 64 devices and a checkpoint moves between them;
 * ``column``     -- the embedding width is split over the devices (column-wise; needs
-  ``dim % devices == 0``).
+  ``dim % devices == 0``);
+* ``table``      -- the whole table on one device (table-wise). SPMD arrays span every
+  device, so the tables of one width that are placed table-wise are packed into one
+  row-sharded array, ``[devices * R, dim]``, each inside its device's block of ``R``
+  rows (:class:`Layout`). The train state holds that packed form; checkpoints, the
+  best params, evaluation and export see the model's own per-table tree. A table
+  bigger than one device's block is row-wise instead (table-row-wise is row-wise
+  over the devices a table spans; here, all of them).
 
 The plan (which table gets which kind) comes from :mod:`trainers.planner` or the
 config. Optimizer slots follow their parameter's sharding.
@@ -49,7 +56,8 @@ HEADS = "heads"
 POSITION = "position"
 BUCKETS = "buckets"
 
-KINDS = ("replicated", "row", "column")
+KINDS = ("replicated", "table", "row", "column")
+PACKED = "table_wise"  # params key of the packed table-wise arrays (one per width)
 TABLE_AXES = (VOCAB, EMBED)
 
 # logical axis -> mesh axis (None: replicated); tables are placed by their plan instead.
@@ -134,13 +142,15 @@ def find_tables(boxed_params: Any) -> list[Table]:
 def table_spec(kind: str) -> P:
   if kind not in KINDS:
     raise ValueError(f"unknown table sharding {kind!r}; choose one of {KINDS}")
-  return {"replicated": P(), "row": P(DATA_AXIS, None), "column": P(None, DATA_AXIS)}[kind]
+  # a table-wise table's own (canonical) array, when it is not packed: row-wise
+  return {"replicated": P(), "row": P(DATA_AXIS, None), "column": P(None, DATA_AXIS),
+          "table": P(DATA_AXIS, None)}[kind]
 
 
 def check_kind(table: Table, kind: str, num_devices: int) -> None:
   """Raises if ``table`` cannot be sharded ``kind`` over ``num_devices`` devices."""
   table_spec(kind)
-  if kind == "row" and table.rows % num_devices:
+  if kind in ("row", "table") and table.rows % num_devices:
     raise ValueError(f"table {table.name} has {table.rows} rows, not a multiple of the "
                      f"{num_devices} devices: row-wise sharding needs a device count that "
                      f"divides the row alignment (trainers.layers.ROW_ALIGNMENT)")
@@ -149,22 +159,18 @@ def check_kind(table: Table, kind: str, num_devices: int) -> None:
                      f"{num_devices} devices: column-wise sharding needs dim % devices == 0")
 
 
-def state_shardings(mesh, params: Any, state: Any, kinds: Mapping[str, str],
+def state_shardings(mesh, state: Any, kinds: Mapping[str, str],
                     tables: Sequence[Table]) -> Any:
-  """NamedShardings for a train ``state`` tree: each table per its kind in ``kinds``
-  (missing: replicated), every other array replicated. Optimizer slots -- any leaf of
-  ``state`` whose key path ends with a table's path and has its shape -- follow
-  their table.
-
-  Args:
-    params: the (unboxed, abstract) params tree, for the table shapes.
-    state: the (abstract) train state.
-  """
-  del params
+  """NamedShardings for an (abstract) train ``state`` tree: each table per its kind in
+  ``kinds`` (missing: replicated), packed table-wise arrays row-wise, every other array
+  replicated. Optimizer slots -- any leaf whose key path ends with a table's path and
+  has its shape -- follow their table."""
   by_path = {t.path: (t, kinds.get(t.name, "replicated")) for t in tables}
 
   def leaf_sharding(path, leaf):
     names = _key_names(path)
+    if PACKED in names:  # a packed table-wise array (or its optimizer slot)
+      return NamedSharding(mesh, P(DATA_AXIS, None))
     for table_path, (table, kind) in by_path.items():
       if (names[-len(table_path):] == table_path
           and tuple(getattr(leaf, "shape", ())) == (table.rows, table.dim)):
@@ -183,18 +189,24 @@ def state_shardings(mesh, params: Any, state: Any, kinds: Mapping[str, str],
 class _Plan:
   mesh: jax.sharding.Mesh
   kinds: Mapping[str, str]
+  packed: Mapping[str, tuple[jax.Array, int]] = dataclasses.field(default_factory=dict)
 
 
 _ACTIVE = threading.local()
 
 
 @contextlib.contextmanager
-def use_plan(mesh, kinds: Mapping[str, str]) -> Iterator[None]:
+def use_plan(mesh, kinds: Mapping[str, str],
+             packed: Mapping[str, tuple[jax.Array, int]] | None = None) -> Iterator[None]:
   """Lookups traced inside this block use the tables' shardings (``kinds``: table
   name -> kind). Outside it (evaluation in another process, export, serving) a lookup
-  is a plain gather."""
+  is a plain gather.
+
+  ``packed``: table name -> (its packed table-wise array, the row where it starts);
+  lookups of those tables read the packed array (see :meth:`Layout.packed_rows`).
+  """
   previous = getattr(_ACTIVE, "plan", None)
-  _ACTIVE.plan = _Plan(mesh, dict(kinds))
+  _ACTIVE.plan = _Plan(mesh, dict(kinds), dict(packed or {}))
   try:
     yield
   finally:
@@ -212,6 +224,18 @@ def traced_with(fn, mesh, kinds: Mapping[str, str]):
   return wrapped
 
 
+def planned_loss(loss, mesh, kinds: Mapping[str, str], layout: "Layout"):
+  """``loss(model, params, ...)`` taking the train state's (packed) params: the model
+  gets its own tree (:meth:`Layout.unpack`) and its lookups read the packed arrays, so
+  gradients reach the packed form the optimizer updates."""
+
+  def wrapped(model, params, *args):
+    with use_plan(mesh, kinds, layout.packed_rows(params) if layout else None):
+      return loss(model, layout.unpack(params), *args)
+
+  return wrapped
+
+
 def lookup(table: jax.Array, ids: jax.Array, name: str) -> jax.Array:
   """``table[ids]`` (``[*ids.shape, dim]``) for the table called ``name``, without
   gathering a sharded table (see the module docstring). Ids outside the table's rows
@@ -219,14 +243,14 @@ def lookup(table: jax.Array, ids: jax.Array, name: str) -> jax.Array:
   plan = getattr(_ACTIVE, "plan", None)
   kind = plan.kinds.get(name, "replicated") if plan is not None else "replicated"
   n = plan.mesh.devices.size if plan is not None else 1
+  if kind == "table" and name in plan.packed:  # its rows inside the packed array
+    table, start = plan.packed[name]
+    ids, kind = ids + start, "row"
   if kind == "replicated" or n == 1:
     return jnp.take(table, ids, axis=0)
   split = ids.ndim > 0 and ids.shape[0] % n == 0   # batch split over devices, or not
   ids_spec = P(DATA_AXIS) if split else P()
-  if kind == "row":
-    fn = _row_lookup(split)
-  else:
-    fn = _column_lookup(split)
+  fn = _column_lookup(split) if kind == "column" else _row_lookup(split)
   return jax.shard_map(fn, mesh=plan.mesh, in_specs=(table_spec(kind), ids_spec),
                        out_specs=ids_spec)(table, ids)
 
@@ -255,6 +279,149 @@ def _column_lookup(split: bool):
       return jax.lax.all_to_all(emb, DATA_AXIS, 0, emb.ndim - 1, tiled=True)
     return jax.lax.all_gather(emb, DATA_AXIS, axis=emb.ndim - 1, tiled=True)
   return local
+
+
+# ---------------------------------------------------------------------------
+# Table-wise packing
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+  """Table-wise tables of one width packed into one row-sharded array of
+  ``devices * rows_per_device`` rows; ``members``: (table, device, first row in the
+  device's block)."""
+
+  dim: int
+  rows_per_device: int
+  members: tuple[tuple[Table, int, int], ...]
+
+  @property
+  def key(self) -> str:
+    return f"dim_{self.dim}"
+
+
+class Layout:
+  """The train state's form of the params: the model's tree with the table-wise tables
+  moved into :class:`Packed` arrays under ``params[PACKED]``, and back.
+
+  :meth:`pack` and :meth:`unpack` map any tree that holds params-shaped dicts (the
+  params, the optimizer's slots) between the two forms; with no table-wise tables both
+  are the identity.
+  """
+
+  def __init__(self, tables: Sequence[Table], kinds: Mapping[str, str],
+               devices: Mapping[str, int], num_devices: int):
+    self.num_devices = num_devices
+    by_dim: dict[int, list[tuple[Table, int]]] = {}
+    for t in tables:
+      if kinds.get(t.name) == "table":
+        by_dim.setdefault(t.dim, []).append((t, int(devices[t.name])))
+    self.groups: list[Packed] = []
+    for dim, members in sorted(by_dim.items()):
+      used = [0] * num_devices
+      placed = []
+      for t, d in members:
+        placed.append((t, d, used[d]))
+        used[d] += t.rows
+      # blocks of a multiple of 8 rows (aligned shards)
+      self.groups.append(Packed(dim, -(-max(used) // 8) * 8, tuple(placed)))
+    self._paths = {t.path for g in self.groups for t, _, _ in g.members}
+
+  def __bool__(self) -> bool:
+    return bool(self.groups)
+
+  def start(self, group: Packed, device: int, offset: int) -> int:
+    return device * group.rows_per_device + offset
+
+  def packed_rows(self, params: Mapping[str, Any]) -> dict[str, tuple[jax.Array, int]]:
+    """Table name -> (packed array, first row): what :func:`use_plan` takes."""
+    out = {}
+    for g in self.groups:
+      for t, d, off in g.members:
+        out[t.name] = (params[PACKED][g.key], self.start(g, d, off))
+    return out
+
+  def _is_params(self, node: Any) -> bool:
+    if not isinstance(node, Mapping) or not self._paths:
+      return False
+    path = next(iter(self._paths))
+    for key in path[:-1]:
+      node = node.get(key) if isinstance(node, Mapping) else None
+    return isinstance(node, Mapping) and path[-1] in node
+
+  def _walk(self, tree: Any, fn) -> Any:
+    if self._is_params(tree) or (isinstance(tree, Mapping) and PACKED in tree):
+      return fn(tree)
+    if isinstance(tree, Mapping):
+      return {k: self._walk(v, fn) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # namedtuple (optax states)
+      return type(tree)(*(self._walk(v, fn) for v in tree))
+    if isinstance(tree, (tuple, list)):
+      return type(tree)(self._walk(v, fn) for v in tree)
+    return tree
+
+  def pack(self, tree: Any) -> Any:
+    """Model form -> packed form (every params-shaped dict of ``tree``)."""
+    if not self:
+      return tree
+
+    def pack_params(params):
+      params = _copy_dicts(params)
+      packed = {}
+      for g in self.groups:
+        first = _get(params, g.members[0][0].path)
+        rows = self.num_devices * g.rows_per_device
+        arr = jnp.zeros((rows, g.dim), first.dtype)
+        for t, d, off in g.members:
+          start = self.start(g, d, off)
+          arr = jax.lax.dynamic_update_slice(arr, _pop(params, t.path), (start, 0))
+        packed[g.key] = arr
+      params[PACKED] = packed
+      return params
+
+    return self._walk(tree, pack_params)
+
+  def unpack(self, tree: Any) -> Any:
+    """Packed form -> model form."""
+    if not self:
+      return tree
+
+    def unpack_params(params):
+      params = _copy_dicts(params)
+      packed = params.pop(PACKED)
+      for g in self.groups:
+        for t, d, off in g.members:
+          start = self.start(g, d, off)
+          _set(params, t.path, jax.lax.slice_in_dim(packed[g.key], start, start + t.rows))
+      return params
+
+    return self._walk(tree, unpack_params)
+
+
+def _copy_dicts(tree):
+  return {k: _copy_dicts(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _pop(tree, path):
+  parent = _get(tree, path[:-1])
+  value = parent.pop(path[-1])
+  for i in range(len(path) - 1, 0, -1):  # drop dicts left empty
+    if not _get(tree, path[:i]):
+      _get(tree, path[:i - 1]).pop(path[i - 1])
+  return value
+
+
+def _set(tree, path, value):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
 
 
 # ---------------------------------------------------------------------------

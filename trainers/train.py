@@ -73,23 +73,25 @@ def decay_learning_rate(state: dict[str, Any], config: configs.TrainConfig) -> f
   return rate
 
 
-def make_train_step(model, tx, task: tasks.Task, base_rng: jax.Array):
+def make_train_step(model, tx, task: tasks.Task, base_rng: jax.Array, loss=None):
   """``(state, batch) -> (state, loss)``; randomness is folded from the step number.
 
   ``state``: ``step``, ``params``, ``opt_state`` and, for models with other variable
-  collections (batch-norm statistics), ``model_state``.
+  collections (batch-norm statistics), ``model_state``. ``loss``: ``task.loss`` or a
+  wrapper of it with the same signature (:func:`trainers.sharding.planned_loss`).
   """
+  loss = loss or task.loss
 
   def train_step(state, batch):
     rng = jax.random.fold_in(base_rng, state["step"])
-    (loss, model_state), grads = jax.value_and_grad(task.loss, argnums=1, has_aux=True)(
+    (loss_value, model_state), grads = jax.value_and_grad(loss, argnums=1, has_aux=True)(
         model, state["params"], state.get("model_state"), batch, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
     if "model_state" in state:
       new["model_state"] = model_state
-    return new, loss
+    return new, loss_value
 
   return train_step
 
@@ -97,15 +99,29 @@ def make_train_step(model, tx, task: tasks.Task, base_rng: jax.Array):
 @dataclasses.dataclass
 class Built:
   """What :func:`build` returns: the model, its sharding plan, the initial sharded state
-  and the jitted train step ``(state, global batch) -> (state, loss)``."""
+  and the jitted train step ``(state, global batch) -> (state, loss)``.
+
+  The state is in the train form (table-wise tables packed, :class:`sharding.Layout`);
+  :meth:`model_form` gives the model's own tree (checkpoints, evaluation), and
+  :meth:`train_form` takes it back.
+  """
 
   model: Any
   plan: planner.Plan
   tables: list[sharding.Table]
   kinds: dict[str, str]
+  layout: sharding.Layout
   state: Any
   state_shardings: Any
   train_step: Any
+  _to_model: Any = None
+  _to_train: Any = None
+
+  def model_form(self, state):
+    return self._to_model(state) if self.layout else state
+
+  def train_form(self, state):
+    return self._to_train(state) if self.layout else state
 
 
 def build(config: configs.TrainConfig, task: tasks.Task, mesh) -> Built:
@@ -115,8 +131,17 @@ def build(config: configs.TrainConfig, task: tasks.Task, mesh) -> Built:
   model = models.build(config.model, config.model_config)
   tx = make_optimizer(config)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  n_dev = mesh.devices.size
+  boxed = jax.eval_shape(lambda: task.init(model, init_rng))
+  tables = sharding.find_tables(boxed["params"])
+  plan = plan_tables(config, task, tables, n_dev)
+  kinds = {t.name: plan.kind(t.name) for t in tables}
+  for t in tables:
+    sharding.check_kind(t, kinds[t.name], n_dev)
+  layout = sharding.Layout(tables, kinds, {t.name: plan.device(t.name) for t in tables
+                                           if kinds[t.name] == "table"}, n_dev)
 
-  def init_state():
+  def init_model_form():
     variables = {k: nn.meta.unbox(v) for k, v in task.init(model, init_rng).items()}
     params = variables.pop("params")
     state = {"step": jnp.zeros((), jnp.int32), "params": params,
@@ -125,22 +150,26 @@ def build(config: configs.TrainConfig, task: tasks.Task, mesh) -> Built:
       state["model_state"] = variables
     return state
 
-  n_dev = mesh.devices.size
-  boxed = jax.eval_shape(lambda: task.init(model, init_rng))
-  tables = sharding.find_tables(boxed["params"])
-  plan = plan_tables(config, task, tables, n_dev)
-  kinds = {t.name: plan.kind(t.name) for t in tables}
-  for t in tables:
-    sharding.check_kind(t, kinds[t.name], n_dev)
-  state_shardings = sharding.state_shardings(mesh, None, jax.eval_shape(init_state), kinds,
+  def init_state():  # the optimizer's slots are initialised on the packed params
+    state = init_model_form()
+    params = layout.pack(state["params"])
+    return {**state, "params": params, "opt_state": tx.init(params)}
+
+  state_shardings = sharding.state_shardings(mesh, jax.eval_shape(init_state), kinds,
                                              tables)
   state = jax.jit(init_state, out_shardings=state_shardings)()
-  train_step = jax.jit(sharding.traced_with(make_train_step(model, tx, task, train_rng),
-                                            mesh, kinds),
+  loss = sharding.planned_loss(task.loss, mesh, kinds, layout)
+  train_step = jax.jit(make_train_step(model, tx, task, train_rng, loss),
                        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                        out_shardings=(state_shardings, sharding.replicated(mesh)),
                        donate_argnums=(0,))
-  return Built(model, plan, tables, kinds, state, state_shardings, train_step)
+  built = Built(model, plan, tables, kinds, layout, state, state_shardings, train_step)
+  if layout:
+    model_shardings = sharding.state_shardings(
+        mesh, jax.eval_shape(init_model_form), kinds, tables)
+    built._to_model = jax.jit(layout.unpack, out_shardings=model_shardings)
+    built._to_train = jax.jit(layout.pack, out_shardings=state_shardings)
+  return built
 
 
 def _better(value: float, best: float | None, lower: bool = False) -> bool:
@@ -203,11 +232,13 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
   ckpt = Checkpoints(workdir)
   meta: dict[str, Any] = {"epoch": 0, "history": [], "best": None, "stale_evals": 0,
                           "stopped": False}
-  restored = ckpt.restore_latest(abstract_tree(state))
+  # Checkpoints hold the model's own tree (any mesh or plan restores them).
+  restored = ckpt.restore_latest(abstract_tree(built.model_form(state)))
   if restored is not None:
     state, meta = restored
     log.info("resumed from epoch %d (step %d)", meta["epoch"], int(state["step"]))
     ckpt.check_best(meta, task.selected(state))
+    state = built.train_form(state)
   # The log is rewritten from the checkpoint, dropping epochs that were logged but not saved.
   if primary:
     with open(os.path.join(workdir, LOG_FILE), "w") as f:
@@ -258,7 +289,7 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
     }
     if epoch % config.eval_every == 0 or epoch == config.epochs:
       t1 = time.perf_counter()
-      results = evaluate_all(task.selected(state))
+      results = evaluate_all(task.selected(built.model_form(state)))
       entry.update(results, eval_seconds=time.perf_counter() - t1)
       value = results[features.VALID][metric_name]
       if _better(value, (meta["best"] or {}).get("value"), config.selection_lower_is_better):
@@ -276,9 +307,10 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
       _log_epoch(entry, metric_name, tb, workdir, task.unit, epochs=config.epochs)
     # latest (whose record names the best epoch) first, then best: a kill in between
     # leaves a record that check_best repairs from the latest state on resume.
-    ckpt.save_latest(epoch, state, meta)
+    saved = built.model_form(state)
+    ckpt.save_latest(epoch, saved, meta)
     if meta["best"] is not None and meta["best"]["epoch"] == epoch:
-      ckpt.save_best(epoch, task.selected(state), best_meta(meta["best"]))
+      ckpt.save_best(epoch, task.selected(saved), best_meta(meta["best"]))
   ckpt.wait()
   ckpt.close()
   if tb is not None:

@@ -296,7 +296,8 @@ def trainer_scores(hstu):
   @jax.jit
   def forward(params, history, times, query_times):
     def fwd(m):
-      return m(history, times, query_times)[:, -1] @ m.all_candidates().T
+      scores = m(history, times, query_times)[:, -1] @ m.all_candidates().T
+      return scores[:, :m.config.vocab_size]  # rows past the vocabulary are padding
     return model.apply({"params": params}, method=fwd)
 
   def scores(history, times, query_times):

@@ -24,7 +24,8 @@ def test_served_scores_equal_trainer_scores(name, trained, dataset, servers):
   def full_forward_scores(params, batch):  # the training forward: every position, max_len
     def fwd(m):
       user = m(batch["history"], batch["timestamps"], batch["query_timestamps"])
-      return user[:, -1] @ m.all_candidates().T
+      # the table's rows past the vocabulary are padding (layers.ROW_ALIGNMENT)
+      return (user[:, -1] @ m.all_candidates().T)[:, :m.config.vocab_size]
     return model.apply({"params": params}, method=fwd)
   scores = np.asarray(jax.jit(full_forward_scores)(params, model_batch(batch)))
   lengths = (batch["history"] != features.PAD_ID).sum(1)

@@ -47,21 +47,17 @@ def losses(workdir: str) -> list[float]:
 
 
 def final_params(workdir: str):
-  """The latest checkpoint's params as host numpy, restored replicated on every device
-  of every process (whatever mesh wrote them)."""
+  """The latest checkpoint's params, as saved (whatever mesh wrote them), gathered into
+  host numpy on every process."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from trainers import sharding  # pylint: disable=g-import-not-at-top
-  everywhere = sharding.replicated(sharding.make_mesh())
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "latest"))
-  step = mngr.latest_step()
-  saved = mngr.item_metadata(step)["state"]
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=everywhere),
-                        saved)
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  out = mngr.restore(mngr.latest_step(),
+                     args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   mngr.close()
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), out.state["params"])
+  return jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True),
+                      out.state["params"])
 
 
 def max_diff(a, b) -> float:
@@ -91,7 +87,7 @@ def equivalence(model: str, data: str, workdir: str) -> dict:
   """One device, then 8 devices with each table sharding: losses and parameter gaps."""
   ref_losses, ref = train(model, data, f"{workdir}/one", num_devices=1)
   out = {"reference": ref_losses}
-  for kind in ("replicated", "row", "column"):
+  for kind in ("replicated", "table", "row", "column"):
     got_losses, got = train(model, data, f"{workdir}/{kind}", embedding_sharding=kind)
     plan = json.load(open(f"{workdir}/{kind}/sharding_plan.json"))
     out[kind] = {"losses": got_losses, "param_gap": max_diff(ref, got),
@@ -128,8 +124,8 @@ def hlo(rows: int = 4096, dim: int = 16, batch: int = 64, length: int = 20) -> d
 
 
 def reshard(model: str, data: str, workdir: str) -> dict:
-  """Two epochs on 8 devices (row-wise), resumed for a third on 1 and on 4 devices, and
-  the uninterrupted three-epoch run on 8."""
+  """Two epochs on 8 devices (row-wise), resumed for a third on 1 device (replicated)
+  and on 4 (table-wise), and the uninterrupted three-epoch run on 8."""
   full_losses, full = train(model, data, f"{workdir}/full", epochs=3,
                             embedding_sharding="row")
   out = {"uninterrupted": full_losses}
@@ -137,7 +133,7 @@ def reshard(model: str, data: str, workdir: str) -> dict:
     part = f"{workdir}/on{devices}"
     train(model, data, part, epochs=2, embedding_sharding="row")
     got_losses, got = train(model, data, part, fresh=False, epochs=3, num_devices=devices,
-                            embedding_sharding="replicated" if devices == 1 else "row")
+                            embedding_sharding="replicated" if devices == 1 else "table")
     out[f"resumed_on_{devices}"] = {"losses": got_losses, "param_gap": max_diff(full, got)}
   return out
 

@@ -61,7 +61,7 @@ def test_every_table_sharding_trains_like_one_device(model, sequences, clicks, t
   out = _run(8, "equivalence", model, data, str(tmp_path))
   reference = np.array(out["reference"])
   assert len(reference) == 2 and reference[1] < reference[0]  # it trained
-  for kind in ("replicated", "row", "column"):
+  for kind in ("replicated", "table", "row", "column"):
     assert out[kind]["kinds"] == [kind]  # every table of the model got that sharding
     np.testing.assert_allclose(out[kind]["losses"], reference, rtol=1e-6)
     assert out[kind]["param_gap"] < 1e-6, (kind, out[kind]["param_gap"])
@@ -129,6 +129,7 @@ def test_two_processes_of_4_devices_train_like_one_process_of_8(sequences, tmp_p
   np.testing.assert_allclose(outs[0]["losses"], one["losses"], rtol=1e-6)
   two, ref = np.load(tmp_path / "two" / "params.npz"), np.load(tmp_path / "one" / "params.npz")
   assert sorted(two.files) == sorted(ref.files)
+  assert two["item_embedding/embedding"].shape == (64, 16)  # whole tables, not one shard
   for name in ref.files:
     if name.endswith("qkv/bias"):  # key bias: zero true gradient (see sharding_runs.max_diff)
       continue
