@@ -84,8 +84,7 @@ class Checkpoints:
     step = self.latest.latest_step()
     if step is None:
       return None
-    out = self.latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    out = _restore(self.latest, step, "state", abstract_state)
     return out.state, out.meta
 
   def restore_best(self, abstract_params: Any) -> tuple[Any, dict[str, Any]]:
@@ -94,8 +93,7 @@ class Checkpoints:
     if step is None:
       raise FileNotFoundError(
           f"no best checkpoint under {self.best.directory}: was the run evaluated at least once?")
-    out = self.best.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
+    out = _restore(self.best, step, "params", abstract_params)
     check_selected_epoch(self.workdir, step, out.meta)
     return out.params, out.meta
 
@@ -128,6 +126,29 @@ class Checkpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, item: str, abstract: Any):
+  """``manager``'s ``step`` (``item`` and ``meta``) restored into ``abstract``'s shapes.
+
+  Checkpoints written before embedding tables had a multiple of
+  ``trainers.layers.ROW_ALIGNMENT`` rows hold shorter tables: they are restored with
+  Orbax's zero padding (the rows past the vocabulary are zero by construction). Any
+  other difference cannot occur: the work directory's config is checked first
+  (:func:`check_resume`).
+  """
+  def restore(strict: bool):
+    return manager.restore(step, args=ocp.args.Composite(
+        **{item: ocp.args.StandardRestore(abstract, strict=strict)},
+        meta=ocp.args.JsonRestore()))
+  try:
+    return restore(strict=True)
+  except ValueError as e:
+    if "not compatible with the stored shape" not in str(e):
+      raise
+    log.warning("%s/%d holds embedding tables without row padding (written by an older "
+                "version): padding them with zero rows", manager.directory, step)
+    return restore(strict=False)
 
 
 def restore_selected(workdir: str, init_fn) -> tuple[Any, dict[str, Any]]:

@@ -15,9 +15,9 @@ DLRM feature table -- gets one of the :data:`KINDS`:
   device, so the tables of one width that are placed table-wise are packed into one
   row-sharded array, ``[devices * R, dim]``, each inside its device's block of ``R``
   rows (:class:`Layout`). The train state holds that packed form; checkpoints, the
-  best params, evaluation and export see the model's own per-table tree. A table
-  bigger than one device's block is row-wise instead (table-row-wise is row-wise
-  over the devices a table spans; here, all of them).
+  best params, evaluation and export see the model's own per-table tree.
+  Table-row-wise (rows split over a subset of the devices) is not a kind of its own: a
+  table too big for one device is row-wise over all of them.
 
 The plan (which table gets which kind) comes from :mod:`trainers.planner` or the
 config. Optimizer slots follow their parameter's sharding.
@@ -46,9 +46,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
-BATCH = "batch"
 
-# Logical axis names used by parameters and activations (models import them via layers).
+# Logical axis names of parameters (models import them via layers): (vocab, embed) marks
+# an embedding table; the others document the parameters (every non-table parameter is
+# replicated: dense layers are data parallel).
 VOCAB = "vocab"
 EMBED = "embed"
 MLP = "mlp"
@@ -59,18 +60,6 @@ BUCKETS = "buckets"
 KINDS = ("replicated", "table", "row", "column")
 PACKED = "table_wise"  # params key of the packed table-wise arrays (one per width)
 TABLE_AXES = (VOCAB, EMBED)
-
-# logical axis -> mesh axis (None: replicated); tables are placed by their plan instead.
-DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
-    (BATCH, DATA_AXIS),
-    (VOCAB, None),
-    (EMBED, None),
-    (MLP, None),
-    (HEADS, None),
-    (POSITION, None),
-    (BUCKETS, None),
-)
-
 
 def make_mesh(num_devices: int = 0,
               devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
@@ -92,15 +81,9 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh, rules=DEFAULT_RULES) -> NamedSharding:
+def batch_sharding(mesh) -> NamedSharding:
   """Leading (batch) axis split over the data axis."""
-  return NamedSharding(mesh, P(dict(rules).get(BATCH)))
-
-
-def param_shardings(mesh, boxed_variables: Any, rules=DEFAULT_RULES) -> Any:
-  """NamedShardings from the logical axis metadata of a boxed variables tree."""
-  specs = nn.get_partition_spec(boxed_variables)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  return NamedSharding(mesh, P(DATA_AXIS))
 
 
 # ---------------------------------------------------------------------------
