@@ -160,3 +160,21 @@ def test_a_checkpoint_with_unpadded_tables_restores_padded(tmp_path):
   np.testing.assert_array_equal(table[:50], old["item_embedding"]["embedding"])
   np.testing.assert_array_equal(table[50:], 0.0)
   np.testing.assert_array_equal(np.asarray(state["dense"]["kernel"]), old["dense"]["kernel"])
+
+
+def test_sharding_settings_parse_and_refuse_bad_values():
+  from trainers import configs  # pylint: disable=g-import-not-at-top
+  config = configs.apply_overrides(configs.get_config("sasrec"), [
+      "sharding_pins=item_embedding=row,embeddings/sparse_1=table", "embedding_sharding=column",
+      "num_devices=4", "device_memory_gb=0.5"])
+  assert config.pins() == {"item_embedding": "row", "embeddings/sparse_1": "table"}
+  assert (config.embedding_sharding, config.num_devices, config.device_memory_gb) == (
+      "column", 4, 0.5)
+  assert configs.TrainConfig.from_dict(config.to_dict()).pins() == config.pins()
+  # Placement may change on resume; the model may not.
+  assert {"num_devices", "embedding_sharding", "sharding_pins",
+          "device_memory_gb"} <= configs.RESUMABLE_FIELDS
+  with pytest.raises(ValueError, match="sharding_pins entry 'item_embedding=diagonal'"):
+    configs.get_config("sasrec", sharding_pins=("item_embedding=diagonal",))
+  with pytest.raises(ValueError, match="embedding_sharding must be one of"):
+    configs.get_config("sasrec", embedding_sharding="rows")
