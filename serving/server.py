@@ -2,17 +2,21 @@
 
 Listens on ``$AIP_HTTP_PORT`` (8080), answers ``GET $AIP_HEALTH_ROUTE`` (``/health``: 503
 until the model is compiled for every batch bucket and warmed up, then 200; it names the
-device process, ``device_pid``, and counts its restarts), ``GET /v1/metadata`` and
-``POST $AIP_PREDICT_ROUTE`` (``/predict``: the request format of :mod:`serving.protocol`).
+device process, ``device_pid``, counts its restarts, and names the HTTP worker that
+answered, ``worker_pid``), ``GET /v1/metadata`` and ``POST $AIP_PREDICT_ROUTE``
+(``/predict``: the request format of :mod:`serving.protocol`).
 
-Concurrent requests are micro-batched (:mod:`serving.batcher`). The model runs in a
-device process of its own (:mod:`serving.device`; the event loop here parses and answers,
-and neither waits for the other's GIL). A batch's rows are grouped by history length
-(length buckets, default 32, 64, 128, max_len) and the groups are run as one or several
-calls, whichever the costs measured at warm-up say is cheaper; every (batch, length)
-shape is compiled before the health route says ready. ``naive=True`` serves one request
-at a time in this process instead (the benchmark's baseline: same bundle, same length
-buckets, no batching).
+HTTP worker processes (``--workers``, default one per core but one; :mod:`serving.workers`)
+share the port and parse, validate and encode requests (plain predicts on a lean path,
+:mod:`serving.fastpath`); the model runs in one device process (:mod:`serving.device`),
+which micro-batches the rows of every worker's requests (:mod:`serving.batcher`),
+handed over in shared memory (:mod:`serving.shm`). A batch's rows are grouped by history
+length (length buckets, default 32, 64, 128, max_len) and the groups are run as one or
+several calls, whichever the costs measured at warm-up say is cheaper; every (batch,
+length) shape is compiled before the health route says ready. With one worker, this
+process is the worker and supervises the device process itself. ``naive=True`` serves
+one request at a time in this process instead (the benchmark's baseline: same bundle,
+same length buckets, no batching).
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ import time
 from typing import Any, Callable, Sequence
 
 from serving import predictor as predictor_lib
-from serving import protocol
-from serving.batcher import Batcher
-from serving.device import Backoff, DeviceUnavailable, Supervisor
+from serving import fastpath, protocol, shm
+from serving.device import (Backoff, CorePlan, DeviceLink, DeviceUnavailable, Supervisor,
+                            core_plan, worker_cores)
 from trainers import export
 
 log = logging.getLogger("recml.serve")
@@ -36,6 +40,7 @@ log = logging.getLogger("recml.serve")
 DEFAULT_PORT = 8080
 DEFAULT_HEALTH_ROUTE = "/health"
 DEFAULT_PREDICT_ROUTE = "/predict"
+MIN_ARENA_BYTES = 8 << 20  # a worker's shared memory for rows in flight (at least)
 
 
 _KEYS: tuple[Any, Any] | None = None
@@ -52,8 +57,15 @@ def _keys():
 
 
 def app_state(app) -> dict[str, Any]:
-  """The server's state (``ready``, ``error``, ``bundle``, ``supervisor``, ``batcher``...)."""
+  """The server's state (``ready``, ``error``, ``bundle``, ``supervisor``, ``link``...)."""
   return app[_keys()[0]]
+
+
+def arena_bytes(bundle, limits: protocol.Limits) -> int:
+  """A worker's shared memory: room for two of the largest requests the limits allow,
+  and at least :data:`MIN_ARENA_BYTES`."""
+  largest = shm.schema(bundle.meta).max_request_bytes(limits, bundle.meta.get("max_len", 0))
+  return max(MIN_ARENA_BYTES, 2 * largest)
 
 
 def routes_from_env(environ=os.environ) -> tuple[int, str, str]:
@@ -68,8 +80,16 @@ def make_app(bundle_dir: str, *, health_route: str = DEFAULT_HEALTH_ROUTE,
              limits: protocol.Limits = protocol.Limits(),
              buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
              length_buckets: Sequence[int] | None = None, naive: bool = False,
-             backoff: Backoff = Backoff(), on_fatal: Callable[[str], None] | None = None):
+             backoff: Backoff = Backoff(), on_fatal: Callable[[str], None] | None = None,
+             control=None, workers: int = 1, cores: CorePlan | None = None):
   """The server: loads and warms up the bundle in the background, then answers.
+
+  Without ``control``, the app starts and supervises its own device process. In a
+  worker of a multi-worker server (:mod:`serving.workers`), ``control`` is the pipe from
+  the master process, which supervises the device process: it carries the device's
+  state (:meth:`serving.device.Supervisor.state`), and its end of file means the master
+  is gone (``on_fatal``). ``workers``: how many workers serve the port (reported).
+  ``cores``: where the device process runs (:func:`serving.device.core_plan`).
 
   ``on_fatal(reason)`` is called when the bundle cannot be loaded or the device process
   cannot be kept up (``recml serve`` then exits non-zero); without it the health route
@@ -78,6 +98,7 @@ def make_app(bundle_dir: str, *, health_route: str = DEFAULT_HEALTH_ROUTE,
   from aiohttp import web  # pylint: disable=g-import-not-at-top
   state: dict[str, Any] = {"ready": False, "error": None}
   app = web.Application(client_max_size=limits.max_body_bytes)
+  master: dict[str, Any] = {"state": None, "ready": asyncio.Event()}  # worker mode
 
   def fatal(reason: str) -> None:
     state["ready"], state["error"] = False, reason
@@ -86,27 +107,49 @@ def make_app(bundle_dir: str, *, health_route: str = DEFAULT_HEALTH_ROUTE,
 
   def load():
     """Naive: the model in this process. Else: the vocabulary here (no JAX), the model in
-    a device process."""
+    a device process (started here, or by the master)."""
     started = time.time()
     if naive:
       bundle = export.load_bundle(bundle_dir)
       predictor = predictor_lib.make_predictor(bundle, (1,), length_buckets)
-      predictor.warmup()
+      predictor.warmup(progress=lambda line: print(line, flush=True))
       info = {"buckets": predictor.buckets, "length_buckets": predictor.length_buckets}
       state.update(predictor=predictor)
-    else:
+    elif control is None:
       supervisor = state["supervisor"] = Supervisor(bundle_dir, buckets, length_buckets,
-                                                    backoff, on_fatal=fatal)
+                                                    backoff, on_fatal=fatal, cores=cores)
       info = supervisor.start()
       bundle = export.load_bundle(bundle_dir, verify=False, model=False)  # checked by device
-    log.info("bundle %s (%s) compiled for batches %s x lengths %s and warmed up in %.1fs",
-             bundle_dir, bundle.meta.get("model"), info["buckets"], info["length_buckets"],
-             time.time() - started)
+    else:
+      info = master["state"]["info"]
+      bundle = export.load_bundle(bundle_dir, verify=False, model=False)  # checked by device
+    if control is None:
+      log.info("bundle %s (%s) compiled for batches %s x lengths %s and warmed up in %.1fs",
+               bundle_dir, bundle.meta.get("model"), info["buckets"], info["length_buckets"],
+               time.time() - started)
     return bundle, info
 
+  def from_master() -> None:
+    try:
+      message = control.recv()
+    except (EOFError, OSError):
+      asyncio.get_running_loop().remove_reader(control.fileno())
+      fatal("the master process went away")
+      return
+    master["state"] = message
+    if "link" in state:
+      state["link"].update(message)
+    if message["ready"]:
+      master["ready"].set()
+
   async def startup(app_):
+    loop = asyncio.get_running_loop()
+    if control is not None:
+      loop.add_reader(control.fileno(), from_master)
+
     async def warm():
-      loop = asyncio.get_running_loop()
+      if control is not None:
+        await master["ready"].wait()  # the device process has checked the bundle
       try:
         bundle, info = await loop.run_in_executor(None, load)
       except Exception as e:  # pylint: disable=broad-except
@@ -117,16 +160,23 @@ def make_app(bundle_dir: str, *, health_route: str = DEFAULT_HEALTH_ROUTE,
         return
       state.update(bundle=bundle, info=info)
       if not naive:
-        state["supervisor"].attach(loop)
-        state["batcher"] = Batcher(state["supervisor"], max(info["buckets"]))
-        state["batcher"].start()
+        supervisor = state.get("supervisor")
+        link = state["link"] = DeviceLink(shm.schema(bundle.meta), arena_bytes(bundle, limits),
+                                          supervisor.describe if supervisor else None)
+        if supervisor is not None:
+          supervisor.on_change = link.update
+          supervisor.attach(loop)
+        else:
+          link.update(master["state"])
       state["ready"] = True
-    app_[_keys()[1]] = asyncio.get_running_loop().create_task(warm())
+    app_[_keys()[1]] = loop.create_task(warm())
 
   async def cleanup(app_):
     app_[_keys()[1]].cancel()
-    if "batcher" in state:
-      await state["batcher"].stop()
+    if control is not None and not control.closed:
+      asyncio.get_running_loop().remove_reader(control.fileno())
+    if "link" in state:
+      await state["link"].close()
     if "supervisor" in state:
       state["supervisor"].close()
 
@@ -134,27 +184,25 @@ def make_app(bundle_dir: str, *, health_route: str = DEFAULT_HEALTH_ROUTE,
     headers = {"Retry-After": str(retry_after)} if retry_after else None
     return web.json_response({"error": message}, status=status, headers=headers)
 
-  def unavailable():
-    """``None`` when ready, else the answer saying why not (500: failed for good)."""
+  def unavailable() -> tuple[int, str, int | None] | None:
+    """``None`` when ready, else ``(status, reason, Retry-After)`` (500: failed for good)."""
     if state["error"]:  # for good (the CLI has exited)
-      return error(500, state["error"])
-    supervisor = state.get("supervisor")
+      return 500, state["error"], None
     if not state["ready"]:
-      return error(503, "loading: compiling and warming up the model", 1)
-    if supervisor is not None and not supervisor.ready:
-      return error(503, f"{supervisor.down_reason}; restarting it, retry later",
-                   supervisor.retry_after())
-    return None
+      return 503, DeviceLink.LOADING, 1
+    link = state.get("link")
+    return link.unavailable() if link is not None else None
 
   async def health(request):
     del request
-    answer = unavailable()
-    if answer is not None:
-      return answer
-    out = {"status": "ready", "model": state["bundle"].meta.get("model")}
-    if "supervisor" in state:
-      out.update(device_pid=state["supervisor"].device.pid,
-                 device_restarts=state["supervisor"].restarts)
+    down = unavailable()
+    if down is not None:
+      return error(*down)
+    out = {"status": "ready", "model": state["bundle"].meta.get("model"),
+           "worker_pid": os.getpid(), "workers": workers}
+    if "link" in state:
+      device = state["link"].state
+      out.update(device_pid=device["pid"], device_restarts=device["restarts"])
     return web.json_response(out)
 
   async def metadata(request):
@@ -170,16 +218,44 @@ def make_app(bundle_dir: str, *, health_route: str = DEFAULT_HEALTH_ROUTE,
     out = {k: meta.get(k) for k in keys}
     out["buckets"] = list(state["info"]["buckets"])
     out["length_buckets"] = list(state["info"]["length_buckets"])
-    if "batcher" in state:
-      batcher = state["batcher"]
-      out.update(batches=batcher.batches, rows=batcher.rows,
-                 device_seconds=round(batcher.device_seconds, 3))
+    out["workers"] = workers
+    if "link" in state:  # the device process's counters, over all workers
+      batches, rows, seconds = state["link"].counters()
+      out.update(batches=batches, rows=rows, device_seconds=round(seconds, 3))
     return web.json_response(out)
 
+  async def answer_predict(body: bytes) -> tuple[int, bytes, int | None]:
+    """A predict body's answer: ``(status, JSON, Retry-After)`` (for aiohttp's route
+    and :mod:`serving.fastpath`)."""
+    import orjson  # pylint: disable=g-import-not-at-top
+
+    def failed(status: int, message: str, retry_after: int | None = None):
+      return status, orjson.dumps({"error": message}), retry_after
+    down = unavailable()
+    if down is not None:
+      return failed(*down)
+    bundle = state["bundle"]
+    try:
+      rows = protocol.parse_body(body, bundle, limits)
+    except protocol.RequestError as e:
+      return failed(e.status, str(e))
+    if naive:  # one instance at a time, on the event loop
+      results = [predictor_lib.run_rows(state["predictor"], [row])[0] for row in rows]
+    else:
+      link = state["link"]
+      try:
+        results = await link.run(rows)
+      except DeviceUnavailable as e:  # dead or restarting: the client may retry
+        return failed(503, f"{e}; restarting it, retry later", link.retry_after())
+      except RuntimeError as e:  # the model failed on this batch
+        return failed(500, str(e))
+    return 200, orjson.dumps({"predictions": [protocol.prediction(bundle, r, s, i)
+                                              for r, (s, i) in zip(rows, results)]}), None
+
   async def predict(request):
-    answer = unavailable()
-    if answer is not None:
-      return answer
+    down = unavailable()
+    if down is not None:
+      return error(*down)
     if request.content_length is not None and request.content_length > limits.max_body_bytes:
       return error(413, f"payload too large: {request.content_length} bytes > "
                    f"{limits.max_body_bytes}")
@@ -187,40 +263,32 @@ def make_app(bundle_dir: str, *, health_route: str = DEFAULT_HEALTH_ROUTE,
       body = await request.read()
     except web.HTTPRequestEntityTooLarge:
       return error(413, f"payload too large: more than {limits.max_body_bytes} bytes")
-    bundle = state["bundle"]
-    try:
-      rows = protocol.parse_body(body, bundle, limits)
-    except protocol.RequestError as e:
-      return error(e.status, str(e))
-    if naive:  # one instance at a time, on the event loop
-      results = [predictor_lib.run_rows(state["predictor"], [row])[0] for row in rows]
-    else:
-      try:
-        results = await state["batcher"].predict(rows)
-      except DeviceUnavailable as e:  # dead or restarting: the client may retry
-        return error(503, f"{e}; restarting it, retry later",
-                     state["supervisor"].retry_after())
-      except RuntimeError as e:  # the model failed on this batch
-        return error(500, str(e))
-    import orjson  # pylint: disable=g-import-not-at-top
-    return web.Response(body=orjson.dumps(
-        {"predictions": [protocol.prediction(bundle, r, s, i)
-                         for r, (s, i) in zip(rows, results)]}),
-                        content_type="application/json")
+    status, payload, retry_after = await answer_predict(body)
+    return web.Response(body=payload, status=status, content_type="application/json",
+                        headers={"Retry-After": str(retry_after)} if retry_after else None)
 
   app.router.add_get(health_route, health)
   app.router.add_get("/v1/metadata", metadata)
   app.router.add_post(predict_route, predict)
   app.on_startup.append(startup)
   app.on_cleanup.append(cleanup)
+  state.update(answer_predict=answer_predict, predict_route=predict_route,
+               max_body_bytes=limits.max_body_bytes)
   app[_keys()[0]] = state
   return app
 
 
-async def serve(bundle: str, host: str, port: int, **app_kwargs) -> int:
-  """Runs the server until SIGTERM/SIGINT (0) or a fatal error (1, reason on stderr)."""
-  from aiohttp import web  # pylint: disable=g-import-not-at-top
-  loop = asyncio.get_running_loop()
+def fast_site(runner, sock):
+  """The site that serves ``runner``'s app (:func:`make_app`) on a listening socket,
+  plain predicts by :mod:`serving.fastpath`."""
+  state = app_state(runner.app)
+  return fastpath.FastSite(runner, sock, state["answer_predict"], state["predict_route"],
+                           state["max_body_bytes"])
+
+
+def stop_on_signals(loop) -> tuple[asyncio.Future, Callable[[str | None], None]]:
+  """``(stop, finish)``: a future that SIGINT or SIGTERM sets to None and ``finish(reason)``
+  to the reason (the first one wins)."""
   stop = loop.create_future()
 
   def finish(reason: str | None) -> None:
@@ -228,11 +296,29 @@ async def serve(bundle: str, host: str, port: int, **app_kwargs) -> int:
       stop.set_result(reason)
   for sig in (signal.SIGINT, signal.SIGTERM):
     loop.add_signal_handler(sig, finish, None)
-  app = make_app(bundle, on_fatal=finish, **app_kwargs)
+  return stop, finish
+
+
+async def serve(bundle: str, host: str, port: int, workers: int = 1, **app_kwargs) -> int:
+  """Runs the server until SIGTERM/SIGINT (0) or a fatal error (1, reason on stderr).
+
+  ``workers`` > 1: :func:`serving.workers.serve` (this process supervises the workers
+  and the device process); 1: this process is the one worker.
+  """
+  if workers > 1:
+    from serving import workers as workers_lib  # pylint: disable=g-import-not-at-top
+    return await workers_lib.serve(bundle, host, port, workers, **app_kwargs)
+  from aiohttp import web  # pylint: disable=g-import-not-at-top
+  loop = asyncio.get_running_loop()
+  stop, finish = stop_on_signals(loop)
+  cores = None if app_kwargs.get("naive") else core_plan()
+  if cores:  # this thread, and the threads it starts: off the device process's core
+    os.sched_setaffinity(0, worker_cores(cores))
+  app = make_app(bundle, on_fatal=finish, cores=cores, **app_kwargs)
   runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
   await runner.setup()
   try:
-    await web.TCPSite(runner, host, port).start()
+    await fast_site(runner, fastpath.listening_socket(host, port)).start()
     reason = await stop
   finally:
     await runner.cleanup()

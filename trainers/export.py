@@ -15,7 +15,7 @@ directory of data files only (no pickle, no Python)::
     model.stablehlo    ``jax.export`` artifact (serialised StableHLO, symbolic batch ``b``
                        and history length ``l <= max_len``)
     weights.npz        the parameters as a flat list w000, w001, ... (read with
-                       ``allow_pickle=False``)
+                       ``allow_pickle=False``); with int8 tables, their scales last
     vocab/items.txt    raw item id per line, line i = index i (0 = <pad>, 1 = <oov>)
     config.json        the exact TrainConfig (reference only)
     dataset_info.json  the dataset's vocabulary sizes and counts (reference only)
@@ -72,6 +72,17 @@ values to these inputs with :func:`trainers.ranking_features.transform_rows` on 
 bundle's own ``dataset_info.json`` and vocabularies: the transform preprocessing applied,
 with no TensorFlow and no dataset directory.
 
+int8 tables (``recml export --quantize int8``): every embedding table (a parameter whose
+logical axes are (vocab, embed), :func:`trainers.sharding.find_tables`) is stored in
+``weights.npz`` as int8, in its float32 leaf's place, and its float16 scales (one per
+row, or per group of rows for narrow tables: :mod:`trainers.quantize`) follow the
+leaves. The exported function takes them as they are stored and dequantizes each table
+before the model runs, so the weights a server holds are the int8 ones; every other
+parameter stays as trained. ``bundle.json``'s ``quantization`` names the scheme and,
+per table, its weight and scale inputs, ``rows_per_scale`` and the bytes stored against
+float32 (``embedding_bytes``). A reader needs no change: the function's inputs are the
+stored arrays (no format version bump; a bundle without ``quantization`` is ``none``).
+
 TF SavedModel: not written. Native ``jax2tf`` output (StableHLO inside ``XlaCallModule``)
 of JAX 0.10.2 does not load in TF 2.21 (measured here). ``jax2tf.convert(...,
 native_serialization=False)`` (TF graph ops, no StableHLO) still converts a trivial
@@ -88,7 +99,7 @@ import json
 import os
 import shutil
 import zipfile
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -114,6 +125,8 @@ TIME_INPUTS = ("timestamps", "query_timestamps")
 TIME_UNITS = ("int32 (high, low) words of the offset in seconds from the row's latest query "
               "time (trainers.features.time_words)")
 OUTPUTS = ("scores", "ids")
+NONE, INT8 = "none", "int8"
+QUANTIZE = (NONE, INT8)  # how embedding tables are stored (bundle.json's quantization)
 
 
 def _sha256(path: str) -> str:
@@ -160,19 +173,150 @@ def serving_function(model, max_k: int):
 
 
 def export_model(model, params, max_len: int, max_k: int,
-                 platforms: Sequence[str] = PLATFORMS):
-  """The ``jax.export.Exported`` of the serving function; batch and length symbolic."""
+                 platforms: Sequence[str] = PLATFORMS,
+                 int8_tables: Mapping[str, str] | None = None):
+  """``(jax.export.Exported, weights, treedef)`` of the serving function (batch and
+  length symbolic); ``weights`` are its weight inputs (:func:`pack_weights`: the
+  ``params`` leaves, the ``int8_tables`` among them as int8, then their scales)."""
+  packed = pack_weights(params, int8_tables or {})
+  exported = _export_retrieval(model, packed, max_len, max_k, platforms)
+  return exported, packed.arrays, packed.treedef
+
+
+def _export_retrieval(model, packed: PackedWeights, max_len: int, max_k: int,
+                      platforms: Sequence[str]):
   import jax  # pylint: disable=g-import-not-at-top
   from jax import export  # pylint: disable=g-import-not-at-top
-  leaves, treedef = jax.tree.flatten(params)
-  fn = serving_function(model, max_k)(treedef)
+  fn = packed.wrap(serving_function(model, max_k)(packed.treedef))
   b, length = export.symbolic_shape("b, l", constraints=[f"l <= {int(max_len)}"])
   seq = jax.ShapeDtypeStruct((b, length), np.int32)
   times = jax.ShapeDtypeStruct((b, length, 2), np.int32)  # features.time_words
-  weights = tuple(jax.ShapeDtypeStruct(np.shape(w), np.asarray(w).dtype) for w in leaves)
-  exported = export.export(jax.jit(fn), platforms=tuple(platforms))(
-      weights, seq, times, times, seq)
-  return exported, leaves, treedef
+  return export.export(jax.jit(fn), platforms=tuple(platforms))(
+      packed.avals(), seq, times, times, seq)
+
+
+# ---------------------------------------------------------------------------
+# int8 embedding tables
+# ---------------------------------------------------------------------------
+
+
+def check_quantize(quantize: str) -> str:
+  """``quantize`` if it is one of :data:`QUANTIZE`, else a ValueError naming it."""
+  if quantize not in QUANTIZE:
+    raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+  return quantize
+
+
+def embedding_tables(task, model, prefix: str = "") -> dict[str, str]:
+  """``{leaf path: table name}`` of the model's embedding tables
+  (:func:`trainers.sharding.find_tables` of its boxed params, ``task.init`` traced
+  only); paths are ``/``-joined keys after ``prefix`` (``params/`` when the exported
+  tree is the whole variables dict)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from trainers import sharding  # pylint: disable=g-import-not-at-top
+  boxed = jax.eval_shape(lambda: task.init(model, jax.random.key(0)))["params"]
+  return {prefix + "/".join(t.path): t.name for t in sharding.find_tables(boxed)}
+
+
+@dataclasses.dataclass
+class PackedWeights:
+  """The exported function's weight inputs: the leaves of the model's tree, each
+  int8 table in its leaf's place, then one float16 scale array per int8 table."""
+
+  arrays: tuple[np.ndarray, ...]
+  paths: tuple[str, ...]        # a leaf's tree path (``jax.tree_util.keystr``)
+  treedef: Any
+  tables: tuple[dict[str, Any], ...]  # name, leaf, rows, dim, dtype, rows_per_scale
+  table_sizes: tuple[dict[str, Any], ...]  # every table: name, leaf, rows, dim
+
+  @property
+  def num_leaves(self) -> int:
+    return len(self.paths)
+
+  def avals(self):
+    import jax  # pylint: disable=g-import-not-at-top
+    return tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in self.arrays)
+
+  def unpack(self, weights) -> list[Any]:
+    """The model's leaves from the weight inputs (int8 tables dequantized; traced)."""
+    from trainers import quantize  # pylint: disable=g-import-not-at-top
+    leaves = list(weights[:self.num_leaves])
+    for j, t in enumerate(self.tables):
+      leaves[t["leaf"]] = quantize.dequantize_table(
+          leaves[t["leaf"]], weights[self.num_leaves + j], t["rows_per_scale"], t["dtype"])
+    return leaves
+
+  def wrap(self, fn):
+    """``fn(leaves, *inputs)`` -> ``serve(weights, *inputs)`` taking the packed inputs."""
+    if not self.tables:
+      return fn
+    return lambda weights, *inputs: fn(tuple(self.unpack(weights)), *inputs)
+
+  def signature(self) -> list[dict[str, Any]]:
+    """``signature.weights``: name, tree path, shape, dtype of every input (a scale's
+    path is its table's with `` scale``)."""
+    paths = list(self.paths) + [self.paths[t["leaf"]] + " scale" for t in self.tables]
+    return [{"name": _weight_name(i), "path": p, "shape": list(a.shape), "dtype": str(a.dtype)}
+            for i, (p, a) in enumerate(zip(paths, self.arrays))]
+
+  def record(self) -> dict[str, Any]:
+    """``bundle.json``'s ``quantization``: the scheme, and per embedding table its
+    weight (and scale), shape and bytes stored against float32."""
+    int8 = {t["leaf"]: (j, t) for j, t in enumerate(self.tables)}
+    tables = []
+    for t in self.table_sizes:
+      entry = {"name": t["name"], "weight": _weight_name(t["leaf"]), "rows": t["rows"],
+               "dim": t["dim"], "float32_bytes": 4 * t["rows"] * t["dim"],
+               "dtype": str(self.arrays[t["leaf"]].dtype),
+               "bytes": int(self.arrays[t["leaf"]].nbytes)}
+      if t["leaf"] in int8:
+        j, q = int8[t["leaf"]]
+        scale = self.arrays[self.num_leaves + j]
+        entry.update(scale=_weight_name(self.num_leaves + j), scale_dtype=str(scale.dtype),
+                     rows_per_scale=q["rows_per_scale"],
+                     bytes=entry["bytes"] + int(scale.nbytes))
+      tables.append(entry)
+    fp32 = sum(t["float32_bytes"] for t in tables)
+    stored = sum(t["bytes"] for t in tables)
+    return {"scheme": INT8 if self.tables else NONE, "tables": tables,
+            "embedding_bytes": {"float32": fp32, "stored": stored,
+                                "ratio": round(fp32 / stored, 4) if stored else None}}
+
+
+def pack_weights(tree: Any, int8_tables: Mapping[str, str],
+                 all_tables: Mapping[str, str] | None = None) -> PackedWeights:
+  """The weight inputs of ``tree``: ``int8_tables`` (``{leaf path: table name}``,
+  :func:`embedding_tables`) quantized (:mod:`trainers.quantize`), the rest as they are.
+  ``all_tables`` (default ``int8_tables``) are the tables ``record`` reports.
+
+  Raises:
+    ValueError: a table that is not a leaf of ``tree``.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from trainers import quantize  # pylint: disable=g-import-not-at-top
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  index = {jax.tree_util.keystr(p, simple=True, separator="/"): i
+           for i, (p, _) in enumerate(flat)}
+  all_tables = int8_tables if all_tables is None else all_tables
+  missing = sorted((set(int8_tables) | set(all_tables)) - set(index))
+  if missing:
+    raise ValueError(f"embedding table(s) {', '.join(missing)} are not parameters of the model")
+  arrays = [np.asarray(w) for _, w in flat]
+  sizes = tuple({"name": name, "leaf": index[path], "rows": int(arrays[index[path]].shape[0]),
+                 "dim": int(arrays[index[path]].shape[1])}
+                for path, name in sorted(all_tables.items(), key=lambda kv: index[kv[0]]))
+  tables, scales = [], []
+  for path, name in sorted(int8_tables.items(), key=lambda kv: index[kv[0]]):
+    i = index[path]
+    rows, dim = arrays[i].shape
+    group = quantize.rows_per_scale(rows, dim)
+    arrays[i], scale = quantize.quantize_table(arrays[i], group, name)
+    tables.append({"name": name, "leaf": i, "rows": int(rows), "dim": int(dim),
+                   "dtype": str(np.asarray(flat[i][1]).dtype), "rows_per_scale": group})
+    scales.append(scale)
+  return PackedWeights(arrays=tuple(arrays + scales),
+                       paths=tuple(jax.tree_util.keystr(p) for p, _ in flat),
+                       treedef=treedef, tables=tuple(tables), table_sizes=sizes)
 
 
 def _item_id_type(vocab: Sequence[str]) -> str:
@@ -188,7 +332,8 @@ def _item_id_type(vocab: Sequence[str]) -> str:
 
 def export_bundle(workdir: str, out_dir: str, data_dir: str | None = None,
                   max_k: int = DEFAULT_MAX_K,
-                  platforms: Sequence[str] = PLATFORMS) -> dict[str, Any]:
+                  platforms: Sequence[str] = PLATFORMS,
+                  quantize: str = NONE) -> dict[str, Any]:
   """Writes the serving bundle of a training work directory's selected checkpoint.
 
   Args:
@@ -201,15 +346,19 @@ def export_bundle(workdir: str, out_dir: str, data_dir: str | None = None,
     max_k: the largest ``k`` a request may ask for (capped at the number of items;
       retrieval only).
     platforms: platforms to lower for.
+    quantize: ``none`` (float32 weights) or ``int8``: every embedding table stored as
+      int8 with float16 scales (:mod:`trainers.quantize`), dequantized inside the
+      exported function; the other parameters stay as trained.
 
   Returns:
     The bundle's ``bundle.json`` content.
   """
   from trainers import configs  # pylint: disable=g-import-not-at-top
   from trainers.checkpoints import load_config_dict  # pylint: disable=g-import-not-at-top
+  check_quantize(quantize)
   if configs.TrainConfig.from_dict(load_config_dict(workdir)).task == RANKING:
-    return export_ranking_bundle(workdir, out_dir, data_dir, platforms)
-  from trainers import evaluate  # pylint: disable=g-import-not-at-top
+    return export_ranking_bundle(workdir, out_dir, data_dir, platforms, quantize)
+  from trainers import evaluate, tasks  # pylint: disable=g-import-not-at-top
   config, model, params, meta = evaluate.load_model(workdir)
   vocab_dir = data_dir
   if vocab_dir is None:
@@ -222,11 +371,13 @@ def export_bundle(workdir: str, out_dir: str, data_dir: str | None = None,
                      f"table has {vocab_size} rows: wrong dataset for this model")
   max_len = config.model_config.max_len
   max_k = max(1, min(int(max_k), vocab_size - features.FIRST_ITEM_ID))
+  tables = embedding_tables(tasks.for_config(config), model)
+  packed = pack_weights(params, tables if quantize == INT8 else {}, tables)
 
   _new_bundle_dir(out_dir)
   os.makedirs(os.path.join(out_dir, "vocab"), exist_ok=True)
-  exported, leaves, treedef = export_model(model, params, max_len, max_k, platforms)
-  weights = _write_model(out_dir, exported, params, leaves)
+  exported = _export_retrieval(model, packed, max_len, max_k, platforms)
+  weights = _write_model(out_dir, exported, packed)
   with open(os.path.join(out_dir, VOCAB_FILE), "w", encoding="utf-8") as f:
     f.write("".join(f"{v}\n" for v in vocab))
   _copy_config(workdir, out_dir)
@@ -254,6 +405,7 @@ def export_bundle(workdir: str, out_dir: str, data_dir: str | None = None,
           "outputs": {"scores": {"shape": ["b", max_k], "dtype": "float32"},
                       "ids": {"shape": ["b", max_k], "dtype": "int32"}},
       },
+      "quantization": packed.record(),
       "source": _source(workdir, vocab_dir, meta),
   }
   return _finish(out_dir, record)
@@ -265,16 +417,13 @@ def _new_bundle_dir(out_dir: str) -> None:
   os.makedirs(out_dir, exist_ok=True)
 
 
-def _write_model(out_dir: str, exported, tree, leaves) -> list[dict[str, Any]]:
+def _write_model(out_dir: str, exported, packed: PackedWeights) -> list[dict[str, Any]]:
   """Writes ``model.stablehlo`` and ``weights.npz``; returns the weights' signature."""
-  import jax  # pylint: disable=g-import-not-at-top
   with open(os.path.join(out_dir, MODEL_FILE), "wb") as f:
     f.write(exported.serialize())
-  arrays = {_weight_name(i): np.asarray(w) for i, w in enumerate(leaves)}
-  np.savez(os.path.join(out_dir, WEIGHTS_FILE), **arrays)
-  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  return [{"name": _weight_name(i), "path": p, "shape": list(np.shape(w)),
-           "dtype": str(np.asarray(w).dtype)} for i, (p, w) in enumerate(zip(paths, leaves))]
+  np.savez(os.path.join(out_dir, WEIGHTS_FILE),
+           **{_weight_name(i): a for i, a in enumerate(packed.arrays)})
+  return packed.signature()
 
 
 def _copy_config(workdir: str, out_dir: str) -> None:
@@ -353,8 +502,10 @@ def ranking_serving_function(model, names: Sequence[str]):
 
 
 def export_ranking_bundle(workdir: str, out_dir: str, data_dir: str | None = None,
-                          platforms: Sequence[str] = PLATFORMS) -> dict[str, Any]:
+                          platforms: Sequence[str] = PLATFORMS,
+                          quantize: str = NONE) -> dict[str, Any]:
   """Writes the ranking bundle of a work directory (see :func:`export_bundle`)."""
+  check_quantize(quantize)
   import jax  # pylint: disable=g-import-not-at-top
   from jax import export  # pylint: disable=g-import-not-at-top
   from trainers import ranking_features as rf  # pylint: disable=g-import-not-at-top
@@ -364,15 +515,15 @@ def export_ranking_bundle(workdir: str, out_dir: str, data_dir: str | None = Non
   data_dir, info = config.data_dir, task.info
   rf.load_vocabs(data_dir, info)  # every vocabulary file is there and of the right size
   inputs = ranking_inputs(info)
-  leaves, treedef = jax.tree.flatten(variables)
-  fn = ranking_serving_function(model, [i["name"] for i in inputs])(treedef)
+  tables = embedding_tables(task, model, "params/")
+  packed = pack_weights(variables, tables if quantize == INT8 else {}, tables)
+  fn = packed.wrap(ranking_serving_function(model, [i["name"] for i in inputs])(packed.treedef))
   (b,) = export.symbolic_shape("b")
   args = [jax.ShapeDtypeStruct((b, i["shape"][1]), np.dtype(i["dtype"])) for i in inputs]
-  weights = tuple(jax.ShapeDtypeStruct(np.shape(w), np.asarray(w).dtype) for w in leaves)
-  exported = export.export(jax.jit(fn), platforms=tuple(platforms))(weights, *args)
+  exported = export.export(jax.jit(fn), platforms=tuple(platforms))(packed.avals(), *args)
 
   _new_bundle_dir(out_dir)
-  weight_specs = _write_model(out_dir, exported, variables, leaves)
+  weight_specs = _write_model(out_dir, exported, packed)
   shutil.copyfile(os.path.join(data_dir, rf.DATASET_INFO_FILE),
                   os.path.join(out_dir, rf.DATASET_INFO_FILE))
   vocab_features = [f.name for f in info.categorical if f.kind == rf.VOCAB]
@@ -399,6 +550,7 @@ def export_ranking_bundle(workdir: str, out_dir: str, data_dir: str | None = Non
           "weights": weight_specs,
           "outputs": {"probabilities": {"shape": ["b"], "dtype": "float32"}},
       },
+      "quantization": packed.record(),
       "source": _source(workdir, data_dir, None),
   }
   return _finish(out_dir, record)
@@ -432,6 +584,12 @@ class Bundle:
   def task(self) -> str:
     """``retrieval`` or ``ranking`` (bundles before version 4 are retrieval)."""
     return self.meta.get("task", RETRIEVAL)
+
+  @property
+  def quantization(self) -> str:
+    """How its embedding tables are stored: ``none`` (float32; every bundle before
+    ``quantization`` was recorded) or ``int8``."""
+    return self.meta.get("quantization", {}).get("scheme", NONE)
 
   @property
   def max_len(self) -> int:

@@ -132,6 +132,58 @@ def test_serving_image_holds_the_server_and_nothing_heavy(built):
   assert out.strip().splitlines()[-1] == "[]"
 
 
+# Runs in the serving image (no network): `recml serve --workers 2` on the mounted bundle,
+# then from the same container 40 health requests on new connections (the kernel spreads
+# them over the workers), a keep-alive predict (the fast path), and SIGTERM; prints what
+# it saw as one JSON line.
+SERVE_TWO_WORKERS = """
+import http.client, json, signal, subprocess, time, urllib.error, urllib.request
+server = subprocess.Popen(["recml", "serve", "--bundle", "/bundle", "--workers", "2",
+                           "--port", "8080", "--max-batch", "4", "--length-buckets", "4,8"],
+                          stdout=subprocess.DEVNULL, stderr=open("/tmp/serve.log", "w"))
+def call(path, data=None):
+  req = urllib.request.Request("http://127.0.0.1:8080" + path, data=data,
+                               headers={"Content-Type": "application/json"})
+  try:
+    with urllib.request.urlopen(req, timeout=30) as r:
+      return r.status, json.loads(r.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+  except OSError:
+    return 0, None
+deadline = time.time() + 300
+while call("/health")[0] != 200:
+  assert server.poll() is None and time.time() < deadline, open("/tmp/serve.log").read()[-3000:]
+  time.sleep(0.5)
+pids = sorted({call("/health")[1]["worker_pid"] for _ in range(40)})
+conn = http.client.HTTPConnection("127.0.0.1", 8080, timeout=30)
+conn.request("POST", "/predict", b'{"instances": [{"items": [1000, 1007], "k": 5}]}')
+response = conn.getresponse()
+status, answer = response.status, json.loads(response.read())
+server.send_signal(signal.SIGTERM)
+print(json.dumps({"pids": pids, "status": status, "answer": answer, "exit": server.wait(60)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory) -> str:
+  """The bundle of a tiny trained SASRec (tests/serving/conftest.py's model and data)."""
+  from tests.serving import conftest  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("serving-image")
+  data = conftest.write_dataset(root / "data")
+  return conftest.export_tiny(conftest.train_tiny(data, str(root / "model"), "sasrec"),
+                              data, str(root / "bundle"))
+
+
+def test_serving_image_runs_the_multi_worker_server(built, tiny_bundle):
+  out = docker_run(built["serving"], "python", "-c", SERVE_TWO_WORKERS,
+                   volumes=(f"{tiny_bundle}:/bundle:ro",)).stdout
+  seen = json.loads(out.strip().splitlines()[-1])
+  assert len(seen["pids"]) == 2, seen            # both HTTP workers answered
+  assert seen["status"] == 200 and len(seen["answer"]["predictions"][0]["items"]) == 5, seen
+  assert seen["exit"] == 0, seen                 # SIGTERM: a clean stop
+
+
 def test_tools_image_is_light(built):
   out = docker_run(built["tools"], "python", "-c",
                    "import importlib.util as u, kfp, duckdb; "

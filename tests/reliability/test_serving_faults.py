@@ -45,22 +45,24 @@ def hstu(dataset, tmp_path_factory):
                               str(tmp_path_factory.mktemp("faults-bundle") / "bundle"))
 
 
-def serve_args(bundle: str, port: int, max_restarts: int = 1) -> list[str]:
+def serve_args(bundle: str, port: int, max_restarts: int = 1,
+               workers: int | None = None) -> list[str]:
   return [sys.executable, "-m", "pipelines.cli", "serve", "--bundle", bundle, "--port",
           str(port), "--max-batch", "4", "--length-buckets", "4,8",
-          "--max-body-bytes", str(MAX_BODY), "--max-restarts", str(max_restarts)]
+          "--max-body-bytes", str(MAX_BODY), "--max-restarts", str(max_restarts)] + (
+              ["--workers", str(workers)] if workers else [])
 
 
 class CliServer:
   """`recml serve` in a subprocess; its stderr (the log) goes to ``log``."""
 
-  def __init__(self, bundle: str, log: str, max_restarts: int = 1):
+  def __init__(self, bundle: str, log: str, max_restarts: int = 1, workers: int | None = None):
     self.port = free_port()
     self.url = f"http://127.0.0.1:{self.port}"
     self.log = log
     with open(log, "w", encoding="utf-8") as err:
-      self.proc = subprocess.Popen(serve_args(bundle, self.port, max_restarts), cwd=REPO,
-                                   stdout=subprocess.DEVNULL, stderr=err)
+      self.proc = subprocess.Popen(serve_args(bundle, self.port, max_restarts, workers),
+                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
 
   def health(self):
     try:

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 OK = {"items": [1000, 1007]}
 
 
-@pytest.mark.parametrize("body, message", [
+MALFORMED = [  # (body, what its 400 says)
     (b"{not json", "not valid JSON"),
     (b"\xff\xfe\x00garbage", "not valid JSON"),
     (b'{"instances": [{"items": [NaN]}]}', "NaN"),
@@ -45,7 +45,10 @@ OK = {"items": [1000, 1007]}
     ({"instances": [{**OK, "timestamps": [1, 2**63]}]}, "unix time"),
     ({"instances": [{**OK, "timestamps": [-1, 2]}]}, "unix time"),
     ({"instances": [{**OK, "query_timestamp": 1.5}]}, "query_timestamp"),
-])
+]
+
+
+@pytest.mark.parametrize("body, message", MALFORMED)
 def test_malformed_request_is_a_400_with_the_reason(servers, body, message):
   status, answer = servers["sasrec"].post(body)
   assert status == 400, answer
