@@ -196,17 +196,6 @@ def use_plan(mesh, kinds: Mapping[str, str],
     _ACTIVE.plan = previous
 
 
-def traced_with(fn, mesh, kinds: Mapping[str, str]):
-  """``fn`` whose body runs under :func:`use_plan` (wrap a function before jitting it:
-  the plan is read while it is traced)."""
-
-  def wrapped(*args, **kwargs):
-    with use_plan(mesh, kinds):
-      return fn(*args, **kwargs)
-
-  return wrapped
-
-
 def planned_loss(loss, mesh, kinds: Mapping[str, str], layout: "Layout"):
   """``loss(model, params, ...)`` taking the train state's (packed) params: the model
   gets its own tree (:meth:`Layout.unpack`) and its lookups read the packed arrays, so
