@@ -213,6 +213,7 @@ class Predictor:
     self.time_words = len(bundle.exported.in_avals[len(bundle.weights) + 1].shape) == 3
     self._weights = tuple(jax.device_put(w) for w in bundle.weights)
     self._call = jax.jit(bundle.exported.call)
+    self._mask_slot = int(getattr(bundle, "mask_slot", False))
     # seconds per call of each (batch bucket, length bucket), measured by warmup()
     self.cost: dict[tuple[int, int], float] = {}
     self.startup: dict[str, Any] = {}  # warmup()'s shapes, from_cache and seconds
@@ -221,8 +222,13 @@ class Predictor:
     return _smallest_at_least(self.buckets, n, "batch of")
 
   def length(self, n_items: int) -> int:
-    """The padded length for a history of ``n_items`` (at most ``max_len``)."""
-    return _smallest_at_least(self.length_buckets, max(1, n_items), "history of")
+    """The padded length for a history of ``n_items`` (at most ``max_len``), one column
+    more for a model that appends ``[MASK]`` (so that the oldest item is not dropped
+    below ``max_len``)."""
+    n = max(1, n_items)
+    if n < self.length_buckets[-1]:
+      n += self._mask_slot
+    return _smallest_at_least(self.length_buckets, n, "history of")
 
   def run(self, item_ids: np.ndarray, timestamps: np.ndarray, query_timestamps: np.ndarray,
           exclude_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

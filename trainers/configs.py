@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 from trainers import models
 
-LOSSES = ("sampled_softmax", "softmax")
+LOSSES = ("sampled_softmax", "softmax", "gbce")
 OPTIMIZERS = ("adamw", "adagrad")
 # Selection metrics of the ranking (CTR) task; the retrieval task selects on hr/ndcg@K, mrr.
 RANKING_SELECTION = ("auc", "logloss", "ne", "accuracy")
@@ -65,10 +65,15 @@ class TrainConfig:
   # below min_learning_rate (FuxiCTR's reduce_lr_on_plateau: 0.1, 1e-6).
   lr_decay_on_plateau: float = 1.0
   min_learning_rate: float = 1e-6
-  # loss
+  # loss: sampled softmax over num_negatives negatives, full softmax cross-entropy over
+  # every item, or gBCE (gSASRec's calibrated binary cross-entropy, sampled negatives)
   loss: str = "sampled_softmax"
   num_negatives: int = 128
+  # Of the num_negatives, how many are drawn from the batch's own targets (in proportion
+  # to their counts there) rather than uniformly; the sampled softmax is logQ-corrected.
+  in_batch_negatives: int = 0
   temperature: float = 0.05
+  gbce_t: float = 0.75                # gBCE calibration t in [0, 1] (0 = plain BCE)
   # How a batch's loss is averaged: over its valid positions ("positions"), or summed and
   # divided by batch_size * max_len ("fixed"), so that every position weighs the same
   # whatever batch it lands in (length buckets make batches of very different sizes).
@@ -117,6 +122,12 @@ class TrainConfig:
         (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
         (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
         (self.num_negatives >= 1, f"num_negatives must be >= 1, got {self.num_negatives}"),
+        (0 <= self.in_batch_negatives <= self.num_negatives,
+         f"in_batch_negatives must lie in [0, num_negatives={self.num_negatives}], "
+         f"got {self.in_batch_negatives}"),
+        (not (self.loss == "gbce" and self.in_batch_negatives),
+         "loss gbce calibrates uniform negatives; set in_batch_negatives=0"),
+        (0.0 <= self.gbce_t <= 1.0, f"gbce_t must lie in [0, 1], got {self.gbce_t}"),
         (self.negative_group >= 1, f"negative_group must be >= 1, got {self.negative_group}"),
         (self.loss_normalization in ("positions", "fixed"),
          f"loss_normalization must be 'positions' or 'fixed', got {self.loss_normalization!r}"),
@@ -239,9 +250,9 @@ def get_config(model: str = "sasrec", *, smoke: bool = False, **overrides: Any) 
   model_fields = {f.name for f in dataclasses.fields(type(models.model_config(model)))}
   model_over = {k: v for k, v in overrides.items() if k in model_fields}
   train_over = {k: v for k, v in overrides.items() if k not in model_fields}
+  train_over = {**models.train_preset(model), **train_over}
   if models.task_of(model) == "ranking":
     from trainers.models import dlrm  # pylint: disable=g-import-not-at-top
-    train_over = {**dlrm.TRAIN_PRESETS.get(model, {}), **train_over}
     if smoke:
       model_over = {**dlrm.SMOKE_OVERRIDES.get(model, {}), **model_over}
       train_over = {**train_over, "epochs": 2, "batch_size": 256, "eval_batch_size": 1024,

@@ -393,6 +393,9 @@ def export_bundle(workdir: str, out_dir: str, data_dir: str | None = None,
       "task": RETRIEVAL,
       "model": config.model,
       "max_len": max_len,
+      # A cloze model (BERT4Rec) scores a [MASK] appended after the history, in the last
+      # column: a history of n items runs in n + 1 columns (at most max_len).
+      "mask_slot": bool(getattr(config.model_config, "CLOZE", False)),
       "max_k": max_k,
       "item_vocab_size": vocab_size,
       "item_id_type": _item_id_type(vocab),
@@ -598,6 +601,12 @@ class Bundle:
   @property
   def max_k(self) -> int:
     return int(self.meta["max_k"])
+
+  @property
+  def mask_slot(self) -> bool:
+    """Whether the model appends a ``[MASK]`` after the history (BERT4Rec): a history
+    of n items then needs n + 1 columns."""
+    return bool(self.meta.get("mask_slot", False))
 
   @property
   def input_names(self) -> list[str]:

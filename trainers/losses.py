@@ -43,26 +43,44 @@ def sample_negatives(rng: jax.Array, shape_bl: tuple[int, int], num_negatives: i
   (``g = ceil(L / group)``), ``sequence`` one set per sequence (``g = 1``),
   ``batch`` one set for the whole batch (``b = g = 1``).
   """
+  b, g = _negative_shape(shape_bl, sharing, group)
+  return jax.random.randint(rng, (b, g, num_negatives), low, vocab_size)
+
+
+def _negative_shape(shape_bl: tuple[int, int], sharing: str, group: int) -> tuple[int, int]:
   b, l = shape_bl
   g = {"position": l, "group": -(-l // max(group, 1)), "sequence": 1, "batch": 1}[sharing]
-  return jax.random.randint(rng, (1 if sharing == "batch" else b, g, num_negatives), low,
-                            vocab_size)
+  return (1 if sharing == "batch" else b), g
 
 
-def sampled_softmax_loss(user: jax.Array, targets: jax.Array, weights: jax.Array,
-                         table: jax.Array | Callable[[jax.Array], jax.Array],
-                         negatives: jax.Array, temperature: float = 0.05,
-                         normalizer: float | None = None) -> jax.Array:
-  """Sampled softmax with the given negatives (see :func:`sample_negatives`).
+def sample_in_batch(rng: jax.Array, targets: jax.Array, weights: jax.Array,
+                    num_negatives: int, sharing: str = "group", group: int = 8) -> jax.Array:
+  """Negative ids ``[b, g, N]`` drawn from the batch's own targets: a uniformly chosen
+  valid position (``weights > 0``) each, so an item is drawn in proportion to its count
+  among the batch's targets (its popularity). Shapes as :func:`sample_negatives`."""
+  b, g = _negative_shape(targets.shape, sharing, group)
+  cdf = jnp.cumsum((weights.reshape(-1) > 0).astype(jnp.float32))
+  u = jax.random.uniform(rng, (b, g, num_negatives)) * cdf[-1]
+  index = jnp.minimum(jnp.searchsorted(cdf, u, side="right"), cdf.shape[0] - 1)
+  return targets.reshape(-1)[index]
 
-  ``table``: the ``[V, D]`` candidate embeddings, or a function from ids to their
-  embeddings (a model's sharded lookup).
 
-  ``loss = mean_w[ logsumexp([s_pos, s_neg_1..N] / T) - s_pos / T ]`` where
-  ``s`` is the dot product and negatives equal to the target are excluded.
-  Position ``l`` uses the negatives of group ``l * g // L`` (``g`` groups of
-  ``ceil(L / g)`` consecutive positions), so the logits are ``g`` batched matmuls.
-  """
+def mixed_log_q(targets: jax.Array, weights: jax.Array, num_uniform: int, num_in_batch: int,
+                vocab_size: int, low: int = features.FIRST_ITEM_ID) -> jax.Array:
+  """``[vocab_size]`` log-probability that one negative draw of the mix (``num_uniform``
+  uniform over ``[low, vocab_size)``, ``num_in_batch`` from :func:`sample_in_batch`) is
+  each id: the logQ correction of a sampled softmax with that mix."""
+  valid = (weights > 0).astype(jnp.float32)
+  counts = jnp.zeros((vocab_size,), jnp.float32).at[targets.reshape(-1)].add(valid.reshape(-1))
+  total = num_uniform + num_in_batch
+  uniform = jnp.where(jnp.arange(vocab_size) >= low, 1.0 / (vocab_size - low), 0.0)
+  q = (num_uniform * uniform + num_in_batch * counts / jnp.maximum(jnp.sum(valid), 1.0)) / total
+  return jnp.log(jnp.maximum(q, 1e-30))
+
+
+def _sampled_logits(user, targets, table, negatives, temperature, log_q=None):
+  """``(pos [B, L], neg [B, L, N])`` logits / temperature; negatives equal to the target
+  are masked; with ``log_q`` (``[V]``), every logit is corrected by ``- log_q[id]``."""
   b, l, d = user.shape
   nb, g, n = negatives.shape
   size = -(-l // g)
@@ -74,9 +92,59 @@ def sampled_softmax_loss(user: jax.Array, targets: jax.Array, weights: jax.Array
   neg = jnp.einsum("bgsd,bgnd->bgsn", grouped, jnp.broadcast_to(neg_emb, (b, g, n, d)))
   neg = neg.reshape(b, g * size, n)[:, :l] / temperature                           # [B, L, N]
   neg_ids = jnp.repeat(jnp.broadcast_to(negatives, (b, g, n)), size, axis=1)[:, :l]
-  neg = jnp.where(neg_ids == targets[..., None], _MASKED, neg)
+  if log_q is not None:
+    pos = pos - log_q[targets]
+    neg = neg - log_q[neg_ids]
+  return pos, jnp.where(neg_ids == targets[..., None], _MASKED, neg)
+
+
+def sampled_softmax_loss(user: jax.Array, targets: jax.Array, weights: jax.Array,
+                         table: jax.Array | Callable[[jax.Array], jax.Array],
+                         negatives: jax.Array, temperature: float = 0.05,
+                         normalizer: float | None = None,
+                         log_q: jax.Array | None = None) -> jax.Array:
+  """Sampled softmax with the given negatives (see :func:`sample_negatives`).
+
+  ``table``: the ``[V, D]`` candidate embeddings, or a function from ids to their
+  embeddings (a model's sharded lookup).
+
+  ``loss = mean_w[ logsumexp([s_pos, s_neg_1..N] / T) - s_pos / T ]`` where
+  ``s`` is the dot product and negatives equal to the target are excluded.
+  Position ``l`` uses the negatives of group ``l * g // L`` (``g`` groups of
+  ``ceil(L / g)`` consecutive positions), so the logits are ``g`` batched matmuls.
+  ``log_q`` (``[V]``, :func:`mixed_log_q`): the negatives' sampling log-probabilities,
+  subtracted from every logit (logQ correction; a constant for uniform sampling).
+  """
+  pos, neg = _sampled_logits(user, targets, table, negatives, temperature, log_q)
   logits = jnp.concatenate([pos[..., None], neg], axis=-1)
   per_position = jax.nn.logsumexp(logits, axis=-1) - pos
+  return _weighted_mean(per_position, weights, normalizer)
+
+
+def gbce_beta(num_negatives: int, num_items: int, t: float) -> float:
+  """gBCE's positive exponent ``beta = alpha (t (1 - 1/alpha) + 1/alpha)`` with
+  ``alpha = N / (num_items - 1)`` the negative sampling rate (Petrov & Macdonald,
+  RecSys 2023): ``t = 0`` gives 1 (plain BCE), ``t = 1`` gives ``alpha`` (fully
+  calibrated to the full-softmax probabilities)."""
+  alpha = num_negatives / max(num_items - 1, 1)
+  return alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
+
+
+def gbce_loss(user: jax.Array, targets: jax.Array, weights: jax.Array,
+              table: jax.Array | Callable[[jax.Array], jax.Array], negatives: jax.Array,
+              beta: float, temperature: float = 1.0,
+              normalizer: float | None = None) -> jax.Array:
+  """Generalised binary cross-entropy (gSASRec): per position, the mean over its
+  ``1 + N`` logits of ``-log sigmoid(s_pos)^beta`` and ``-log(1 - sigmoid(s_neg))``.
+
+  gSASRec transforms the positive probability to ``p^beta`` and applies BCE; in log space
+  that is ``beta * softplus(-s_pos)``, computed here directly (no clamping). Negatives
+  equal to the target are left out of the sum (they still count in the ``1 + N``).
+  ``beta`` from :func:`gbce_beta`: 1 (``t = 0``) is plain BCE with sampled negatives.
+  """
+  pos, neg = _sampled_logits(user, targets, table, negatives, temperature)
+  per_position = (beta * jax.nn.softplus(-pos) + jnp.sum(jax.nn.softplus(neg), axis=-1)) / (
+      1 + neg.shape[-1])
   return _weighted_mean(per_position, weights, normalizer)
 
 

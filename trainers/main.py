@@ -4,6 +4,7 @@ Example::
 
     recml train --data /tmp/ml1m --model hstu --workdir runs/hstu --epochs 40
     recml train --data /tmp/ml1m --model sasrec --workdir runs/s --set num_negatives=256
+    recml train --data /tmp/ml1m --model mamba4rec --workdir runs/m   # full-softmax CE preset
 
 Re-running the same command resumes from ``--workdir``; so does raising ``--epochs``.
 Any other change (model, data, ``--set``) is refused for a work directory that holds
@@ -20,7 +21,7 @@ import sys
 
 # The registry's names (trainers.models.MODELS, checked by a test), listed here so that
 # building the CLI parser imports no JAX/Flax: slim images (preprocess, tools) have none.
-MODELS = ("sasrec", "hstu", "hstu-large", "dlrm-v2", "dcnv2", "dlrm")
+MODELS = ("sasrec", "bert4rec", "mamba4rec", "hstu", "hstu-large", "dlrm-v2", "dcnv2", "dlrm")
 
 
 def register(subparsers) -> None:

@@ -4,8 +4,9 @@
 step, evaluation, selection, checkpoints, summary. A :class:`Task` supplies the
 parts that depend on what is learned:
 
-* ``retrieval`` -- next-item sequence models (SASRec, HSTU): sequence batches,
-  sampled/full softmax over the item table, full-ranking HR/NDCG/MRR;
+* ``retrieval`` -- next-item sequence models (SASRec, BERT4Rec, Mamba4Rec, HSTU):
+  sequence batches, sampled/full softmax or gBCE over the item table (BERT4Rec: over
+  masked positions), full-ranking HR/NDCG/MRR;
 * ``ranking`` -- click-through-rate models (DLRM v2, DCNv2): rows of dense and
   categorical features, binary cross-entropy, exact AUC / log loss / NE.
 
@@ -140,30 +141,55 @@ class Retrieval(Task):
     return model_batch(batch)
 
   def loss(self, model, params, model_state, batch, rng):
+    """Next-item loss at every position; a cloze model (its config has ``mask_rate``,
+    BERT4Rec) instead predicts the items at randomly masked positions of the sequence
+    (the targets), the mask drawn from the step's ``rng``."""
     c = self.config
     normalizer = (float(c.batch_size * c.max_len) if c.loss_normalization == "fixed"
                   else None)
     dropout_rng, negatives_rng = jax.random.split(rng)
-
     vocab = c.model_config.vocab_size
+    targets, weights = batch["targets"], batch["weights"]
+    mask_rate = getattr(c.model_config, "mask_rate", 0.0)
+    if mask_rate:
+      from trainers.models import bert4rec  # pylint: disable=g-import-not-at-top
+      masked = bert4rec.mask_positions(jax.random.fold_in(rng, 1), weights, mask_rate)
+      weights = weights * masked
 
     def fwd(m, b):
-      user = m(b["inputs"], b["timestamps"], b["query_timestamps"], deterministic=False)
+      if mask_rate:
+        user = m.cloze(b["targets"], masked, deterministic=False)
+      else:
+        user = m(b["inputs"], b["timestamps"], b["query_timestamps"], deterministic=False)
       return user, (m.all_candidates() if c.loss == "softmax" else None)
 
     user, table = model.apply({"params": params}, batch, method=fwd,
                               rngs={"dropout": dropout_rng})
+    if mask_rate:
+      user, targets, weights = masked_positions_only(user, targets, weights, mask_rate)
     if c.loss == "softmax":
-      value = losses.softmax_loss(user, batch["targets"], batch["weights"], table,
-                                  c.temperature, normalizer=normalizer, high=vocab)
+      value = losses.softmax_loss(user, targets, weights, table, c.temperature,
+                                  normalizer=normalizer, high=vocab)
+      return value, model_state
+    num_uniform = c.num_negatives - c.in_batch_negatives
+    negatives = losses.sample_negatives(negatives_rng, targets.shape, num_uniform, vocab,
+                                        c.negative_sharing, c.negative_group)
+    log_q = None
+    if c.in_batch_negatives:
+      in_batch = losses.sample_in_batch(jax.random.fold_in(negatives_rng, 1), targets,
+                                        weights, c.in_batch_negatives, c.negative_sharing,
+                                        c.negative_group)
+      negatives = jnp.concatenate([negatives, in_batch], axis=-1)
+      log_q = losses.mixed_log_q(targets, weights, num_uniform, c.in_batch_negatives, vocab)
+    # Candidate rows through the model's (sharded) lookup, not a gather of the table.
+    take = lambda ids: model.apply({"params": params}, ids, method="candidates")
+    if c.loss == "gbce":
+      beta = losses.gbce_beta(c.num_negatives, vocab - features.FIRST_ITEM_ID, c.gbce_t)
+      value = losses.gbce_loss(user, targets, weights, take, negatives, beta, c.temperature,
+                               normalizer)
     else:
-      negatives = losses.sample_negatives(negatives_rng, batch["targets"].shape,
-                                          c.num_negatives, vocab,
-                                          c.negative_sharing, c.negative_group)
-      # Candidate rows through the model's (sharded) lookup, not a gather of the table.
-      take = lambda ids: model.apply({"params": params}, ids, method="candidates")
-      value = losses.sampled_softmax_loss(user, batch["targets"], batch["weights"], take,
-                                          negatives, c.temperature, normalizer)
+      value = losses.sampled_softmax_loss(user, targets, weights, take, negatives,
+                                          c.temperature, normalizer, log_q)
     return value, model_state
 
   def lookups_per_sample(self, table):
@@ -297,6 +323,26 @@ def binary_state(logits, variables, data: RankingData) -> dict[str, np.ndarray]:
         np.asarray(logits(variables, batch))[keep], batch["label"][keep],
         batch["weight"][keep], logits=True))
   return state
+
+
+def masked_positions_only(user: jax.Array, targets: jax.Array, weights: jax.Array,
+                          rate: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The positions of a cloze batch that carry weight, gathered into ``[1, K, ...]``.
+
+  Only the masked ~``rate`` of the positions are scored, so the loss (a full softmax:
+  a ``[positions, V]`` matmul) is computed for them alone. ``K`` is static: the expected
+  count plus 4 standard deviations plus one forced mask per row; a batch with more
+  weighted positions (odds below 1e-4 when every position is real) drops the excess from
+  its loss. Positions past the count weigh 0.
+  """
+  b, l, d = user.shape
+  n = b * l
+  k = min(n, int(np.ceil(rate * n + 4 * np.sqrt(n * rate * (1 - rate)) + b)))
+  flat = weights.reshape(n)
+  index = jnp.flatnonzero(flat > 0, size=k, fill_value=0)
+  keep = jnp.arange(k) < jnp.count_nonzero(flat > 0)
+  return (user.reshape(n, d)[index][None], targets.reshape(n)[index][None],
+          jnp.where(keep, flat[index], 0.0)[None])
 
 
 def for_config(config: configs.TrainConfig) -> Task:

@@ -3,6 +3,7 @@
 import pytest
 
 from pipelines import config as config_lib
+from trainers import configs, models
 from pipelines import env as env_lib
 
 
@@ -13,7 +14,10 @@ def test_every_config_loads_and_says_how_to_run_it():
     text = open(config_lib.config_path(name), encoding="utf-8").read()
     assert "Run:" in text and "Reach:" in text, name
     config = config_lib.load_config(name)
-    assert config["train"]["model"] in ("sasrec", "hstu", "hstu-large", "dcnv2", "dlrm-v2")
+    assert config["train"]["model"] in models.MODELS
+    # Its train settings are valid for its model (the preset plus the file's values).
+    configs.apply_overrides(configs.get_config(config["train"]["model"]), [
+        f"{k}={v}" for k, v in config["train"].items() if k != "model"])
 
 
 def test_set_overrides_are_typed_and_nested():

@@ -44,14 +44,18 @@ def dataset(tmp_path_factory):
   return write_dataset(tmp_path_factory.mktemp("serving-data"))
 
 
+# each sequential model's own small settings for train_tiny
+TINY = {"sasrec": ["ffn_dim=16"], "bert4rec": ["ffn_dim=16", "attention_dropout=0.0"],
+        "hstu": ["attention_dim=8", "linear_dim=8"], "mamba4rec": ["d_state=8"]}
+
+
 def train_tiny(dataset: str, workdir: str, name: str) -> str:
-  """Trains the tiny ``name`` model (``sasrec`` or ``hstu``) into ``workdir``."""
+  """Trains the tiny ``name`` model (a key of :data:`TINY`) into ``workdir``."""
   from components import train as train_step
   train_step.run(dataset, workdir, name, [
       "epochs=1", "max_steps_per_epoch=3", f"max_len={MAX_LEN}", "embedding_dim=16",
       "num_blocks=2", "batch_size=32", "num_negatives=16", "eval_batch_size=64",
-      "patience=0", "dropout=0.0"] + (["attention_dim=8", "linear_dim=8"]
-                                      if name == "hstu" else ["ffn_dim=16"]))
+      "patience=0", "dropout=0.0"] + TINY[name])
   return workdir
 
 
@@ -147,6 +151,27 @@ def servers(bundles):
   finally:
     for s in started.values():
       s.close()
+
+
+@pytest.fixture(scope="session")
+def served(trained, servers, dataset, tmp_path_factory):
+  """``served(name) -> (workdir, Server)`` for any model of :data:`TINY`: sasrec and hstu
+  from ``trained``/``servers``, the others trained, exported and started on first use."""
+  extra = {}
+
+  def get(name: str):
+    if name in servers:
+      return trained[name], servers[name]
+    if name not in extra:
+      workdir = train_tiny(dataset, str(tmp_path_factory.mktemp(f"model-{name}")), name)
+      bundle = export_tiny(workdir, dataset,
+                           str(tmp_path_factory.mktemp(f"bundle-{name}") / "bundle"))
+      extra[name] = workdir, Server(bundle)
+      extra[name][1].wait_ready()
+    return extra[name]
+  yield get
+  for _, server in extra.values():
+    server.close()
 
 
 @pytest.fixture

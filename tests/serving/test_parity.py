@@ -15,9 +15,10 @@ pytestmark = pytest.mark.integration
 K = 20
 
 
-@pytest.mark.parametrize("name", ["sasrec", "hstu"])
-def test_served_scores_equal_trainer_scores(name, trained, dataset, servers):
-  config, model, params, _ = evaluate.load_model(trained[name])
+@pytest.mark.parametrize("name", ["sasrec", "hstu", "bert4rec", "mamba4rec"])
+def test_served_scores_equal_trainer_scores(name, dataset, served):
+  workdir, server = served(name)
+  config, model, params, _ = evaluate.load_model(workdir)
   vocab = features.load_item_vocab(dataset)
   batch = next(SequenceData(dataset, features.VALID, 64, config.model_config.max_len).batches())
 
@@ -31,6 +32,7 @@ def test_served_scores_equal_trainer_scores(name, trained, dataset, servers):
   lengths = (batch["history"] != features.PAD_ID).sum(1)
   assert {1, 2} & set(lengths) or min(lengths) <= 4  # short and ...
   assert max(lengths) > 8                              # ... long histories (length buckets)
+  assert {4, 8} & set(lengths)  # a history exactly as long as a length bucket
 
   instances, expected = [], []
   for row in range(len(batch["target"])):
@@ -50,7 +52,7 @@ def test_served_scores_equal_trainer_scores(name, trained, dataset, servers):
   assert len(instances) > 30
 
   for start in range(0, len(instances), 7):  # several requests, several instances each
-    status, body = servers[name].post({"instances": instances[start:start + 7]})
+    status, body = server.post({"instances": instances[start:start + 7]})
     assert status == 200, body
     for pred, want in zip(body["predictions"], expected[start:start + 7]):
       ids = [vocab.index(str(raw)) for raw in pred["items"]]

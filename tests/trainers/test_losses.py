@@ -105,3 +105,88 @@ def test_binary_cross_entropy_equals_numpy_weighted_mean_plus_regularizer():
   # Far-out logits stay finite (no log of a rounded-to-1 probability).
   extreme = losses.binary_cross_entropy(jnp.asarray([60.0, -60.0]), jnp.asarray([0.0, 1.0]))
   assert float(extreme) == pytest.approx(60.0, rel=1e-6)
+
+
+def _numpy_logits(user, targets, table, negatives, temperature):
+  """Per valid position: (positive logit, [negative logits], [negative ids])."""
+  b, l, _ = user.shape
+  nb, g, n = negatives.shape
+  size = -(-l // g)
+  negatives = np.broadcast_to(negatives, (b, g, n))[:, np.arange(l) // size]
+  for i in range(b):
+    for j in range(l):
+      pos = float(user[i, j] @ table[targets[i, j]]) / temperature
+      negs = [float(user[i, j] @ table[k]) / temperature for k in negatives[i, j]]
+      yield i, j, pos, negs, list(negatives[i, j])
+
+
+def test_gbce_equals_the_gsasrec_formula_in_numpy():
+  """gSASRec's own recipe in float64: p = sigmoid(s_pos), transformed logit
+  log(1 / (p^-beta - 1)), then BCE with targets [1, 0, ..., 0], mean over 1 + N."""
+  rng = np.random.default_rng(7)
+  b, l, d, v, n = 3, 5, 6, 40, 4
+  user = rng.normal(size=(b, l, d)).astype(np.float32)
+  table = rng.normal(size=(v, d)).astype(np.float32)
+  targets = rng.integers(2, v, (b, l))
+  weights = (rng.uniform(size=(b, l)) > 0.2).astype(np.float32)
+  negatives = np.asarray(losses.sample_negatives(jax.random.key(4), (b, l), n, v, "group", 2))
+  beta = losses.gbce_beta(n, v - 2, 0.75)
+  alpha = n / (v - 3)
+  assert beta == pytest.approx(alpha * (0.75 * (1 - 1 / alpha) + 1 / alpha))
+  total = 0.0
+  sig = lambda x: 1 / (1 + np.exp(-x))
+  for i, j, pos, negs, ids in _numpy_logits(user, targets, table, negatives, 0.5):
+    transformed = np.log(1.0 / (sig(pos) ** -beta - 1.0))
+    terms = [-np.log(sig(transformed))]
+    terms += [-np.log(1 - sig(s)) for s, k in zip(negs, ids) if k != targets[i, j]]
+    total += weights[i, j] * sum(terms) / (1 + n)
+  want = total / weights.sum()
+  got = losses.gbce_loss(jnp.asarray(user), jnp.asarray(targets), jnp.asarray(weights),
+                         jnp.asarray(table), jnp.asarray(negatives), beta, 0.5)
+  assert float(got) == pytest.approx(want, rel=1e-5)
+  # t = 0 is plain binary cross-entropy (beta 1); t = 1 fully calibrated (beta = alpha).
+  assert losses.gbce_beta(n, v - 2, 0.0) == pytest.approx(1.0)
+  assert losses.gbce_beta(n, v - 2, 1.0) == pytest.approx(alpha)
+
+
+def test_in_batch_negatives_follow_the_batch_target_counts():
+  targets = np.array([[5, 5, 5, 7, 0, 0], [5, 9, 9, 7, 7, 7]])
+  weights = (targets > 0).astype(np.float32)
+  weights[1, 0] = 0  # a padding position's id is never drawn
+  neg = np.asarray(losses.sample_in_batch(jax.random.key(0), jnp.asarray(targets),
+                                          jnp.asarray(weights), 4000, "batch"))
+  assert neg.shape == (1, 1, 4000)
+  counts = np.bincount(neg.ravel(), minlength=10)
+  want = np.bincount(targets[weights > 0], minlength=10) / weights.sum()
+  np.testing.assert_allclose(counts / 4000, want, atol=0.03)
+  assert counts[0] == 0
+  assert losses.sample_in_batch(jax.random.key(0), jnp.asarray(targets), jnp.asarray(weights),
+                                3, "group", 4).shape == (2, 2, 3)
+
+
+def test_mixed_negatives_logq_corrected_softmax_equals_numpy():
+  rng = np.random.default_rng(11)
+  b, l, d, v = 2, 6, 5, 15
+  user = rng.normal(size=(b, l, d)).astype(np.float32)
+  table = rng.normal(size=(v, d)).astype(np.float32)
+  targets = rng.integers(2, v, (b, l))
+  weights = np.ones((b, l), np.float32)
+  weights[0, :2] = 0
+  uniform = np.asarray(losses.sample_negatives(jax.random.key(1), (b, l), 3, v, "sequence"))
+  in_batch = np.asarray(losses.sample_in_batch(jax.random.key(2), jnp.asarray(targets),
+                                               jnp.asarray(weights), 2, "sequence"))
+  negatives = np.concatenate([uniform, in_batch], axis=-1)
+  counts = np.bincount(targets[weights > 0], minlength=v)
+  q = (3 * np.where(np.arange(v) >= 2, 1 / (v - 2), 0) + 2 * counts / counts.sum()) / 5
+  log_q = np.asarray(losses.mixed_log_q(jnp.asarray(targets), jnp.asarray(weights), 3, 2, v))
+  np.testing.assert_allclose(np.exp(log_q[2:]), q[2:], rtol=1e-6)
+  total = 0.0
+  for i, j, pos, negs, ids in _numpy_logits(user, targets, table, negatives, 0.5):
+    pos -= np.log(q[targets[i, j]])
+    logits = [pos] + [s - np.log(q[k]) for s, k in zip(negs, ids) if k != targets[i, j]]
+    total += weights[i, j] * (np.log(np.sum(np.exp(logits))) - pos)
+  want = total / weights.sum()
+  got = losses.sampled_softmax_loss(jnp.asarray(user), jnp.asarray(targets), jnp.asarray(weights),
+                                    jnp.asarray(table), jnp.asarray(negatives), 0.5,
+                                    log_q=jnp.asarray(log_q))
+  assert float(got) == pytest.approx(want, rel=1e-5)

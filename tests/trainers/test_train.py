@@ -40,7 +40,7 @@ def test_loss_falls_and_beats_popularity(cyclic_data, tmp_path):
   assert again == pytest.approx(saved["test"], abs=1e-6)
 
 
-@pytest.mark.parametrize("name", ["sasrec", "hstu", "hstu-large"])
+@pytest.mark.parametrize("name", ["sasrec", "hstu", "hstu-large", "bert4rec", "mamba4rec"])
 def test_smoke_presets_train(name, cyclic_data, tmp_path):
   cfg = configs.get_config(name, smoke=True, data_dir=cyclic_data, epochs=1,
                            max_steps_per_epoch=3)
@@ -101,6 +101,32 @@ def test_killed_and_resumed_run_equals_uninterrupted(cyclic_data, tmp_path):
   assert [e["train_loss"] for e in a_meta["history"]] == [e["train_loss"] for e in b_meta["history"]]
   log = [json.loads(l) for l in open(os.path.join(resumed, "log.jsonl"))]
   assert [e["epoch"] for e in log] == list(range(1, epochs + 1))
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("bert4rec", {}),                                   # cloze masks from seed and step
+    ("mamba4rec", {}),
+    ("sasrec", {"loss": "gbce"}),
+    ("sasrec", {"in_batch_negatives": 8}),
+])
+def test_resumed_run_equals_uninterrupted(name, overrides, cyclic_data, tmp_path):
+  """Two epochs, then resumed to four from the work directory, equal four straight: the
+  masks, negatives and dropout are functions of seed and step, not of the process."""
+  cfg = lambda epochs: configs.get_config(name, smoke=True, data_dir=cyclic_data,
+                                          epochs=epochs, max_steps_per_epoch=3, **overrides)
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.train_and_evaluate(cfg(4), straight)
+  train.train_and_evaluate(cfg(2), resumed)
+  train.train_and_evaluate(cfg(4), resumed)
+  a_state, a_meta = _final_params(straight)
+  b_state, b_meta = _final_params(resumed)
+  assert int(a_state["step"]) == int(b_state["step"]) == 12
+  for (path, x), (_, y) in zip(
+      sorted(_flatten(a_state["params"]).items()), sorted(_flatten(b_state["params"]).items())):
+    np.testing.assert_array_equal(x, y, err_msg=path)
+  losses = [e["train_loss"] for e in a_meta["history"]]
+  assert losses == [e["train_loss"] for e in b_meta["history"]]
+  assert len(set(losses)) == 4 and all(np.isfinite(losses))
 
 
 def _flatten(tree, prefix=""):

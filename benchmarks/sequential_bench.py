@@ -1,0 +1,203 @@
+"""Sequential models benchmark: every next-item model trained to convergence, side by side.
+
+For each data set (ml-1m-partial, ml-100k) and each variant below, `recml train` runs in a
+fresh process with early stopping (validation NDCG@10 every ``--eval-every`` epochs,
+``--patience`` evaluations without improvement, at most ``--max-epochs``); test metrics
+are read at the selected epoch. Runs resume from their work directory, so the benchmark
+may be stopped and restarted (a finished run is read, not retrained). Each run's
+``metrics.json`` is copied to ``benchmarks/results/sequential/``, from which the table in
+``benchmarks/results/sequential.md`` is written.
+
+    .venv/bin/python benchmarks/sequential_bench.py                      # everything
+    .venv/bin/python benchmarks/sequential_bench.py --datasets ml-100k --variants mamba4rec
+    .venv/bin/python benchmarks/sequential_bench.py --table-only         # rewrite the table
+    .venv/bin/python benchmarks/sequential_bench.py --speed              # idle machine: timing
+
+``--speed`` times ``--speed-epochs`` epochs of every variant on ml-1m-partial (no
+evaluation) and compares s/epoch with the HSTU paper's code run on this machine
+(SASRec 31.9, HSTU 30.0, HSTU-large 70.7 s/epoch; the reference figures of
+``train_bench.py``). Quality runs share the machine with other work, so their s/epoch is
+not a speed figure; the speed table is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+
+from train_bench import DATASETS, REFERENCE, ROOT, preprocess, train
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+RUNS = os.path.join(RESULTS, "sequential")
+# variant -> (model, --set overrides, what it is)
+VARIANTS = {
+    "sasrec-sampled128": ("sasrec", [], "SASRec, sampled softmax, 128 uniform negatives"),
+    "sasrec-ce": ("sasrec", ["loss=softmax"], "SASRec, full-softmax cross-entropy"),
+    "bert4rec": ("bert4rec", [], "BERT4Rec, cloze (mask 0.2), full-softmax cross-entropy"),
+    "mamba4rec": ("mamba4rec", [], "Mamba4Rec, 1 layer, d=64, full-softmax cross-entropy"),
+    "hstu": ("hstu", [], "HSTU, sampled softmax, 128 negatives"),
+    "hstu-large": ("hstu-large", [], "HSTU-large (8 blocks, 2 heads), sampled softmax"),
+}
+COLUMNS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")
+KEEP = ("model", "dataset", "epochs_run", "selected_epoch", "early_stopped", "test", "valid",
+        "seconds_per_epoch", "sequences_per_second", "eval_seconds", "peak_rss_gb",
+        "wall_seconds", "num_params")
+
+
+def run_file(dataset: str, variant: str) -> str:
+  return os.path.join(RUNS, f"{dataset}-{variant}.json")
+
+
+def finished(workdir: str, max_epochs: int) -> dict | None:
+  """The run's metrics.json when it is done (stopped early or ran ``max_epochs``)."""
+  path = os.path.join(workdir, "metrics.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    m = json.load(f)
+  return m if m.get("early_stopped") or m.get("epochs_run", 0) >= max_epochs else None
+
+
+def time_to(log_path: str, metric: str, value: float) -> dict | None:
+  """Training + evaluation seconds until the first evaluation with test ``metric`` >=
+  ``value`` (from the run's log.jsonl), or None if it never got there."""
+  seconds = 0.0
+  with open(log_path) as f:
+    for line in f:
+      entry = json.loads(line)
+      seconds += entry.get("epoch_seconds", 0.0) + entry.get("eval_seconds", 0.0)
+      if entry.get("test", {}).get(metric, -1.0) >= value:
+        return {"epoch": entry["epoch"], "seconds": seconds, metric: entry["test"][metric]}
+  return None
+
+
+def quality(args) -> None:
+  os.makedirs(RUNS, exist_ok=True)
+  for name in args.datasets:
+    data = preprocess(name, args.out)
+    pop_file = run_file(name, "most-popular")
+    if not os.path.exists(pop_file):
+      from trainers import evaluate  # pylint: disable=g-import-not-at-top
+      with open(pop_file, "w") as f:
+        json.dump({"test": evaluate.popularity_baseline(data)}, f, indent=1)
+    for variant in args.variants:
+      model, sets, _ = VARIANTS[variant]
+      workdir = os.path.join(args.out, name, variant)
+      done = finished(workdir, args.max_epochs)
+      if done is None:
+        print(f"== {name} {variant}: up to {args.max_epochs} epochs -> {workdir}", flush=True)
+        done = train(model, data, workdir, args.max_epochs,
+                     sets + [f"eval_every={args.eval_every}", f"patience={args.patience}"])
+      else:
+        done.setdefault("peak_rss_gb", None)
+      record = {k: done.get(k) for k in KEEP}
+      record["log"] = [json.loads(line) for line in open(os.path.join(workdir, "log.jsonl"))]
+      with open(run_file(name, variant), "w") as f:
+        json.dump(record, f, indent=1)
+      print(f"   {variant}: selected epoch {record['selected_epoch']} of "
+            f"{record['epochs_run']}, test " + ", ".join(
+                f"{k} {record['test'][k]:.4f}" for k in COLUMNS), flush=True)
+
+
+def speed(args) -> list[str]:
+  data = preprocess("ml-1m-partial", args.out)
+  rows = ["| variant | s/epoch (median) | sequences/s | first epoch s | peak RSS GB | "
+          "reference s/epoch | ours / reference |", "|---|---|---|---|---|---|---|"]
+  for variant in args.variants:
+    model, sets, _ = VARIANTS[variant]
+    workdir = os.path.join(args.out, "speed", variant)
+    shutil.rmtree(workdir, ignore_errors=True)  # a timing run never resumes
+    m = train(model, data, workdir, args.speed_epochs,
+              sets + [f"eval_every={args.speed_epochs + 1}"])
+    ref = REFERENCE.get(model, {}).get("seconds_per_epoch") if variant != "sasrec-ce" else None
+    ratio = f"{m['seconds_per_epoch'] / ref:.2f}x" if ref else "—"
+    rows.append(f"| {variant} | {m['seconds_per_epoch']:.2f} | "
+                f"{m['sequences_per_second']:.0f} | {m['first_epoch_seconds']:.1f} | "
+                f"{m['peak_rss_gb']:.2f} | {ref or '—'} | {ratio} |")
+    print(rows[-1], flush=True)
+  return rows
+
+
+def _fmt(value, digits=4):
+  return "—" if value is None else f"{value:.{digits}f}"
+
+
+def table(args, speed_rows: list[str] | None) -> str:
+  lines = [
+      "# Sequential models: quality at convergence and speed",
+      "",
+      f"Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on "
+      f"{platform.machine()} with {os.cpu_count()} CPU cores by "
+      "`benchmarks/sequential_bench.py` (runs: `benchmarks/results/sequential/*.json`).",
+      "Protocol: leave-one-out by time; full ranking over every item, the user's history "
+      f"excluded; validation NDCG@10 every {args.eval_every} epochs, early stopping after "
+      f"{args.patience} evaluations without improvement (at most {args.max_epochs} epochs); "
+      "test reported at the selected epoch. s/epoch here is from runs that shared the "
+      "machine with other work: the speed table below is the timing.",
+      "",
+      "Variants: " + "; ".join(f"`{k}` {v[2]}" for k, v in VARIANTS.items()) + ".",
+  ]
+  for name in DATASETS:
+    rows = []
+    for variant in ("most-popular",) + tuple(VARIANTS):
+      path = run_file(name, variant)
+      if not os.path.exists(path):
+        continue
+      with open(path) as f:
+        r = json.load(f)
+      cells = " | ".join(_fmt(r["test"].get(k)) for k in COLUMNS)
+      if variant == "most-popular":
+        rows.append(f"| most popular | — | — | {cells} | — | — | — |")
+        continue
+      state = "early stop" if r["early_stopped"] else f"cap {args.max_epochs}"
+      if not r["early_stopped"] and r["epochs_run"] < args.max_epochs:
+        state = "running"
+      rows.append(f"| {variant} | {r['selected_epoch']} / {r['epochs_run']} ({state}) | "
+                  f"{r['num_params'] or 0:,} | {cells} | {_fmt(r['seconds_per_epoch'], 2)} | "
+                  f"{_fmt(r['sequences_per_second'], 0)} | {_fmt(r['peak_rss_gb'], 2)} |")
+    if rows:
+      lines += ["", f"## {name}", "",
+                "| variant | selected / run | params | " + " | ".join(COLUMNS)
+                + " | s/epoch | sequences/s | peak RSS GB |",
+                "|---|---|---|" + "---|" * len(COLUMNS) + "---|---|---|"] + rows
+  if speed_rows:
+    lines += ["", "## Speed on an idle machine (ml-1m-partial, 24 steps of 128 per epoch)", ""]
+    lines += speed_rows
+  return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+  parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+  parser.add_argument("--max-epochs", type=int, default=300)
+  parser.add_argument("--eval-every", type=int, default=5)
+  parser.add_argument("--patience", type=int, default=3)
+  parser.add_argument("--speed", action="store_true", help="timing runs only (idle machine)")
+  parser.add_argument("--speed-epochs", type=int, default=4)
+  parser.add_argument("--table-only", action="store_true")
+  parser.add_argument("--out", default=os.path.join(ROOT, "workdirs", "seq"))
+  args = parser.parse_args()
+  speed_file = os.path.join(RUNS, "speed.md")
+  if args.speed:
+    os.makedirs(RUNS, exist_ok=True)
+    with open(speed_file, "w") as f:
+      f.write("\n".join(speed(args)) + "\n")
+  elif not args.table_only:
+    quality(args)
+  speed_rows = open(speed_file).read().splitlines() if os.path.exists(speed_file) else None
+  text = table(args, speed_rows)
+  with open(os.path.join(RESULTS, "sequential.md"), "w") as f:
+    f.write(text)
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
