@@ -190,3 +190,33 @@ def test_mixed_negatives_logq_corrected_softmax_equals_numpy():
                                     jnp.asarray(table), jnp.asarray(negatives), 0.5,
                                     log_q=jnp.asarray(log_q))
   assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_cloze_loss_on_gathered_masked_positions_equals_the_full_loss():
+  """Scoring only the masked positions (tasks.masked_positions_only) gives the loss of
+  every position weighted by the mask, for the full softmax and the sampled one."""
+  from trainers import tasks
+  rng = np.random.default_rng(2)
+  b, l, d, v = 8, 30, 6, 25
+  user = rng.normal(size=(b, l, d)).astype(np.float32)
+  table = rng.normal(size=(v, d)).astype(np.float32)
+  targets = rng.integers(2, v, (b, l))
+  weights = (rng.uniform(size=(b, l)) < 0.2).astype(np.float32)
+  weights[:, 0] = 0
+  weights[3] = 0  # a row with nothing masked
+  got_user, got_targets, got_weights = tasks.masked_positions_only(
+      jnp.asarray(user), jnp.asarray(targets), jnp.asarray(weights), 0.2)
+  k = got_user.shape[1]
+  assert k < b * l // 2 and int(weights.sum()) <= k
+  assert float(got_weights.sum()) == weights.sum()
+  full = losses.softmax_loss(jnp.asarray(user), jnp.asarray(targets), jnp.asarray(weights),
+                             jnp.asarray(table), 0.5, normalizer=float(b * l))
+  gathered = losses.softmax_loss(got_user, got_targets, got_weights, jnp.asarray(table), 0.5,
+                                 normalizer=float(b * l))
+  assert float(gathered) == pytest.approx(float(full), rel=1e-6)
+  # Brute force: the weighted positions' cross-entropy summed in numpy.
+  logits = np.einsum("bld,vd->blv", user, table).astype(np.float64) / 0.5
+  logits[..., :2] = -np.inf
+  lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  ce = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  assert float(gathered) == pytest.approx(float((ce * weights).sum() / (b * l)), rel=1e-5)
