@@ -37,7 +37,14 @@ RUNS = os.path.join(RESULTS, "sequential")
 # variant -> (model, --set overrides, what it is)
 VARIANTS = {
     "sasrec-sampled128": ("sasrec", [], "SASRec, sampled softmax, 128 uniform negatives"),
-    "sasrec-ce": ("sasrec", ["loss=softmax"], "SASRec, full-softmax cross-entropy"),
+    "sasrec-ce": ("sasrec", ["loss=softmax"],
+                  "SASRec, full-softmax cross-entropy over cosine similarities / 0.05"),
+    "sasrec-ce-dot": ("sasrec", ["loss=softmax", "l2_normalize=False", "temperature=1.0"],
+                      "SASRec, full-softmax cross-entropy over raw dot products "
+                      "(Klenitskiy & Vasilev's SASRec+)"),
+    "sasrec-gbce": ("sasrec", ["loss=gbce", "num_negatives=256", "l2_normalize=False",
+                               "temperature=1.0"],
+                    "SASRec, gBCE with 256 negatives, t=0.75 (gSASRec)"),
     "bert4rec": ("bert4rec", [], "BERT4Rec, cloze (mask 0.2), full-softmax cross-entropy"),
     "mamba4rec": ("mamba4rec", [], "Mamba4Rec, 1 layer, d=64, full-softmax cross-entropy"),
     "hstu": ("hstu", [], "HSTU, sampled softmax, 128 negatives"),
@@ -76,6 +83,50 @@ def time_to(log_path: str, metric: str, value: float) -> dict | None:
   return None
 
 
+def partial(workdir: str) -> dict | None:
+  """A record of an unfinished run from its log.jsonl: the evaluation with the best
+  validation NDCG@10 so far (what the trainer would select if it stopped now)."""
+  path = os.path.join(workdir, "log.jsonl")
+  if not os.path.exists(path):
+    return None
+  log = [json.loads(line) for line in open(path)]
+  evals = [e for e in log if "valid" in e]
+  if not evals:
+    return None
+  best = max(evals, key=lambda e: e["valid"]["ndcg@10"])
+  seconds = sorted(e["epoch_seconds"] for e in log[1:]) or [log[0]["epoch_seconds"]]
+  return {"epochs_run": log[-1]["epoch"], "selected_epoch": best["epoch"],
+          "early_stopped": False, "test": best["test"], "valid": best["valid"],
+          "seconds_per_epoch": seconds[len(seconds) // 2],
+          "sequences_per_second": None, "peak_rss_gb": None, "num_params": None,
+          "running": True, "log": log}
+
+
+def record(name: str, variant: str, metrics: dict, workdir: str) -> dict:
+  """Writes a finished run's record (its metrics.json's numbers and its log)."""
+  out = {k: metrics.get(k) for k in KEEP}
+  out["log"] = [json.loads(line) for line in open(os.path.join(workdir, "log.jsonl"))]
+  with open(run_file(name, variant), "w") as f:
+    json.dump(out, f, indent=1)
+  return out
+
+
+def record_existing(args) -> None:
+  """Records every run of the work directory without running anything: finished runs
+  as they ended, unfinished ones that have evaluated as :func:`partial` (the table shows
+  them as stopped; a later quality run resumes and replaces them)."""
+  os.makedirs(RUNS, exist_ok=True)
+  for name in args.datasets:
+    for variant in args.variants:
+      workdir = os.path.join(args.out, name, variant)
+      done = finished(workdir, args.max_epochs)
+      if done is not None:
+        record(name, variant, done, workdir)
+      elif (r := partial(workdir)) is not None:
+        with open(run_file(name, variant), "w") as f:
+          json.dump(r, f, indent=1)
+
+
 def quality(args) -> None:
   os.makedirs(RUNS, exist_ok=True)
   for name in args.datasets:
@@ -93,15 +144,10 @@ def quality(args) -> None:
         print(f"== {name} {variant}: up to {args.max_epochs} epochs -> {workdir}", flush=True)
         done = train(model, data, workdir, args.max_epochs,
                      sets + [f"eval_every={args.eval_every}", f"patience={args.patience}"])
-      else:
-        done.setdefault("peak_rss_gb", None)
-      record = {k: done.get(k) for k in KEEP}
-      record["log"] = [json.loads(line) for line in open(os.path.join(workdir, "log.jsonl"))]
-      with open(run_file(name, variant), "w") as f:
-        json.dump(record, f, indent=1)
-      print(f"   {variant}: selected epoch {record['selected_epoch']} of "
-            f"{record['epochs_run']}, test " + ", ".join(
-                f"{k} {record['test'][k]:.4f}" for k in COLUMNS), flush=True)
+      r = record(name, variant, done, workdir)
+      print(f"   {variant}: selected epoch {r['selected_epoch']} of "
+            f"{r['epochs_run']}, test " + ", ".join(
+                f"{k} {r['test'][k]:.4f}" for k in COLUMNS), flush=True)
 
 
 def speed(args) -> list[str]:
@@ -155,10 +201,10 @@ def table(args, speed_rows: list[str] | None) -> str:
         rows.append(f"| most popular | — | — | {cells} | — | — | — |")
         continue
       state = "early stop" if r["early_stopped"] else f"cap {args.max_epochs}"
-      if not r["early_stopped"] and r["epochs_run"] < args.max_epochs:
-        state = "running"
+      if r.get("running"):
+        state = "not converged: stopped here, resumes"
       rows.append(f"| {variant} | {r['selected_epoch']} / {r['epochs_run']} ({state}) | "
-                  f"{r['num_params'] or 0:,} | {cells} | {_fmt(r['seconds_per_epoch'], 2)} | "
+                  f"{format(r['num_params'], ',') if r['num_params'] else '—'} | {cells} | {_fmt(r['seconds_per_epoch'], 2)} | "
                   f"{_fmt(r['sequences_per_second'], 0)} | {_fmt(r['peak_rss_gb'], 2)} |")
     if rows:
       lines += ["", f"## {name}", "",
@@ -191,6 +237,8 @@ def main() -> int:
       f.write("\n".join(speed(args)) + "\n")
   elif not args.table_only:
     quality(args)
+  else:
+    record_existing(args)
   speed_rows = open(speed_file).read().splitlines() if os.path.exists(speed_file) else None
   text = table(args, speed_rows)
   with open(os.path.join(RESULTS, "sequential.md"), "w") as f:
