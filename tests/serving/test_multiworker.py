@@ -150,8 +150,8 @@ def test_requests_spread_over_the_workers(multi):
 @pytest.mark.parametrize("name", ["sasrec", "hstu"])
 def test_served_scores_equal_trainer_scores(name, trained, dataset, multi):
   """test_parity's check (the training forward pass as reference), through two workers."""
-  test_parity.test_served_scores_equal_trainer_scores(name, trained, dataset,
-                                                      {name: Client(multi(name).port)})
+  test_parity.test_served_scores_equal_trainer_scores(
+      name, dataset, lambda n: (trained[n], Client(multi(n).port)))
 
 
 def test_concurrent_answers_equal_one_at_a_time(multi, dataset):
