@@ -57,15 +57,27 @@ def _fmix32(h: Array) -> Array:
   return h ^ (h >> 16)
 
 
-def keep_mask(rng: Array, shape: tuple[int, ...], keep: float) -> Array:
+def keep_mask(rng: Array, shape: tuple[int, ...], keep: float,
+              window: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> Array:
   """Bernoulli(``keep``) mask from a counter-based hash keyed by two threefry words.
 
   Element ``i`` keeps iff ``fmix32(fmix32(i + s0) ^ s1) < keep * 2**32``. This is
   ~25x cheaper on CPU than ``jax.random.bernoulli`` (threefry's 20 rounds per
   element dominated the train step) and statistically ample for dropout.
+
+  ``window``: ``(whole_shape, start)``: the mask is the block at ``start`` of the
+  mask of a ``whole_shape`` array (``i`` is the element's index in the whole array),
+  so that an array computed block by block is dropped as it would be whole.
   """
   seeds = jax.random.bits(rng, (2,), jnp.uint32)
-  index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+  if window is None:
+    index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+  else:
+    whole, start = window
+    index, stride = jnp.zeros(shape, jnp.uint32), 1
+    for axis in reversed(range(len(shape))):
+      position = jax.lax.broadcasted_iota(jnp.uint32, shape, axis) + jnp.uint32(start[axis])
+      index, stride = index + position * jnp.uint32(stride), stride * whole[axis]
   h = _fmix32(_fmix32(index + seeds[0]) ^ seeds[1])
   return h < jnp.uint32(min(int(keep * 2**32), 2**32 - 1))
 
@@ -76,12 +88,21 @@ class Dropout(nn.Module):
   rate: float
 
   @nn.compact
-  def __call__(self, x: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array | list[Array], deterministic: bool,
+               blocks_of: tuple[tuple[int, ...], list[tuple[int, ...]]] | None = None
+               ) -> Array | list[Array]:
+    """``x`` dropped; or ``x`` a list of blocks of one array, ``blocks_of`` ``(its shape,
+    [each block's start])``: each block dropped as its part of the whole array would be
+    (one mask, however the array is cut: :func:`keep_mask`'s ``window``)."""
     if deterministic or self.rate == 0.0:
       return x
     keep = 1.0 - self.rate
-    mask = keep_mask(self.make_rng("dropout"), x.shape, keep)
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+    rng = self.make_rng("dropout")
+    if blocks_of is None:
+      return jnp.where(keep_mask(rng, x.shape, keep), x / keep, jnp.zeros_like(x))
+    whole, starts = blocks_of
+    return [jnp.where(keep_mask(rng, block.shape, keep, (whole, start)), block / keep,
+                      jnp.zeros_like(block)) for block, start in zip(x, starts)]
 
 
 # Computation dtypes a model config's ``dtype`` may name. Parameters, optimizer state
@@ -155,7 +176,17 @@ class ItemEmbedding(nn.Module):
     return emb * (ids != features.PAD_ID)[..., None].astype(emb.dtype)
 
   def candidates(self, ids: Array) -> Array:
-    """Embeddings of items as ranking candidates (normalised if configured)."""
+    """Embeddings of items as ranking candidates (normalised if configured).
+
+    With more ids than rows (a sampled softmax's negatives: ~400k draws from a few
+    thousand items), each row is normalised once and the rows are gathered from the
+    result: the same numbers as normalising every gathered row, at a fraction of the
+    work (forward and backward), and the gather's result, larger than the table, is
+    no bigger than before.
+    """
+    if self.normalize and ids.size > self.table.shape[0]:
+      table = l2_normalize(self._lookup(jnp.arange(self.table.shape[0])))
+      return jnp.take(table, ids, axis=0, mode="clip")
     emb = self._lookup(ids)
     return l2_normalize(emb) if self.normalize else emb
 
@@ -256,6 +287,41 @@ def input_modules(config: Any) -> tuple[ItemEmbedding, PositionEmbedding, Dropou
                         normalize=config.l2_normalize),
           PositionEmbedding(config.max_len, config.embedding_dim),
           Dropout(config.dropout))
+
+
+# Causal attention is computed in blocks of about this many queries; a block's queries
+# attend only the keys up to its last query, so the keys that every query of a block
+# masks are never scored (L = 200 in blocks of 50: 10/16 of the L x L scores).
+ATTENTION_BLOCK = 50
+
+
+def causal_blocks(length: Any, last_only: bool = False) -> list[tuple[slice, slice]]:
+  """``(queries, keys)`` slices of causal attention over ``length`` positions.
+
+  Query block ``[s, e)`` attends keys ``[0, e)``: the keys after ``e`` are masked for
+  all of its queries, so leaving them out changes no weight that a query may attend
+  (their weights are exactly zero). ``last_only``: the last query over every key. A
+  symbolic ``length`` (``jax.export``) or one up to :data:`ATTENTION_BLOCK` is one block.
+  """
+  if last_only:
+    return [(slice(-1, None), slice(None))]
+  if not isinstance(length, int) or length <= ATTENTION_BLOCK:
+    return [(slice(None), slice(None))]
+  n = -(-length // ATTENTION_BLOCK)
+  bounds = [t * length // n for t in range(n + 1)]
+  return [(slice(s, e), slice(0, e)) for s, e in zip(bounds[:-1], bounds[1:])]
+
+
+def attention_blocks_of(blocks: list[tuple[slice, slice]], batch: int, heads: int,
+                        queries: Any, length: Any):
+  """:class:`Dropout`'s ``blocks_of`` for attention weights computed in ``blocks``
+  (:func:`causal_blocks`): each block's place in the whole ``[B, H, queries, L]`` weights
+  (``queries``: ``L``, or 1 for the last query only), so that the dropout mask is the
+  one the whole array would get."""
+  first = length - queries  # the first query's position
+  starts = [0 if rows.start is None else (rows.start if rows.start >= 0 else length + rows.start)
+            for rows, _ in blocks]
+  return (batch, heads, queries, length), [(0, 0, s - first, 0) for s in starts]
 
 
 def causal_mask(valid: Array) -> Array:

@@ -81,21 +81,39 @@ def mixed_log_q(targets: jax.Array, weights: jax.Array, num_uniform: int, num_in
 def _sampled_logits(user, targets, table, negatives, temperature, log_q=None):
   """``(pos [B, L], neg [B, L, N])`` logits / temperature; negatives equal to the target
   are masked; with ``log_q`` (``[V]``), every logit is corrected by ``- log_q[id]``."""
+  b, l, _ = user.shape
+  pos, neg, _ = _grouped_logits(user, targets, jnp.ones_like(targets, jnp.float32), table,
+                                negatives, temperature, log_q)
+  neg = jnp.swapaxes(neg, 2, 3).reshape(b, -1, neg.shape[2])[:, :l]              # [B, L, N]
+  return pos.reshape(b, -1)[:, :l], neg
+
+
+def _grouped_logits(user, targets, weights, table, negatives, temperature, log_q=None):
+  """``(pos [B, g, S], neg [B, g, N, S], weights [B, g, S])``: the logits of
+  :func:`_sampled_logits` with the positions in the groups that share negatives
+  (``S = ceil(L / g)`` consecutive positions; the padding past ``L`` weighs 0).
+
+  Negatives before positions (``[.., N, S]``): the layout in which the ``g`` batched
+  matmuls run fastest on CPU (the loss's forward and backward ~20% faster than in
+  ``[.., S, N]``).
+  """
   b, l, d = user.shape
   nb, g, n = negatives.shape
   size = -(-l // g)
   pad = g * size - l
   take = table if callable(table) else lambda ids: jnp.take(table, ids, axis=0)
   pos = jnp.sum(user * take(targets), axis=-1) / temperature                       # [B, L]
-  grouped = jnp.pad(user, ((0, 0), (0, pad), (0, 0))).reshape(b, g, size, d)
-  neg_emb = take(negatives)                                                        # [nb, g, N, D]
-  neg = jnp.einsum("bgsd,bgnd->bgsn", grouped, jnp.broadcast_to(neg_emb, (b, g, n, d)))
-  neg = neg.reshape(b, g * size, n)[:, :l] / temperature                           # [B, L, N]
-  neg_ids = jnp.repeat(jnp.broadcast_to(negatives, (b, g, n)), size, axis=1)[:, :l]
   if log_q is not None:
     pos = pos - log_q[targets]
-    neg = neg - log_q[neg_ids]
-  return pos, jnp.where(neg_ids == targets[..., None], _MASKED, neg)
+  group = lambda x: jnp.pad(x, ((0, 0), (0, pad))).reshape(b, g, size)
+  grouped = jnp.pad(user, ((0, 0), (0, pad), (0, 0))).reshape(b, g, size, d)
+  neg_emb = jnp.broadcast_to(take(negatives), (b, g, n, d))                        # [B, g, N, D]
+  neg = jnp.einsum("bgnd,bgsd->bgns", neg_emb, grouped) / temperature              # [B, g, N, S]
+  if log_q is not None:
+    neg = neg - log_q[negatives][..., None]
+  neg_ids = jnp.broadcast_to(negatives, (b, g, n))[..., None]
+  neg = jnp.where(neg_ids == group(targets)[:, :, None, :], _MASKED, neg)
+  return group(pos), neg, group(weights)
 
 
 def sampled_softmax_loss(user: jax.Array, targets: jax.Array, weights: jax.Array,
@@ -115,9 +133,10 @@ def sampled_softmax_loss(user: jax.Array, targets: jax.Array, weights: jax.Array
   ``log_q`` (``[V]``, :func:`mixed_log_q`): the negatives' sampling log-probabilities,
   subtracted from every logit (logQ correction; a constant for uniform sampling).
   """
-  pos, neg = _sampled_logits(user, targets, table, negatives, temperature, log_q)
-  logits = jnp.concatenate([pos[..., None], neg], axis=-1)
-  per_position = jax.nn.logsumexp(logits, axis=-1) - pos
+  pos, neg, weights = _grouped_logits(user, targets, weights, table, negatives, temperature,
+                                      log_q)
+  logits = jnp.concatenate([pos[:, :, None], neg], axis=2)
+  per_position = jax.nn.logsumexp(logits, axis=2) - pos
   return _weighted_mean(per_position, weights, normalizer)
 
 

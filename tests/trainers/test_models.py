@@ -133,3 +133,34 @@ def test_overrides_and_round_trip():
     configs.apply_overrides(cfg, ["loss=bpr"])
   with pytest.raises(ValueError, match="unknown model"):
     configs.get_config("gru4rec")
+
+
+def test_windowed_dropout_mask_is_the_whole_arrays_mask_cut_into_blocks():
+  rng = jax.random.key(3)
+  whole = np.asarray(layers.keep_mask(rng, (2, 3, 7, 11), 0.8))
+  for start, shape in (((0, 0, 0, 0), (2, 3, 2, 5)), ((0, 1, 4, 6), (2, 2, 3, 5))):
+    block = np.asarray(layers.keep_mask(rng, shape, 0.8, ((2, 3, 7, 11), start)))
+    cut = tuple(slice(s, s + n) for s, n in zip(start, shape))
+    np.testing.assert_array_equal(block, whole[cut])
+
+
+@pytest.mark.parametrize("last_only", [False, True])
+def test_hstu_attention_in_causal_blocks_equals_one_block(monkeypatch, last_only):
+  """HSTU at L = 130 (three query blocks) gives the outputs and gradients of the same
+  model scored as one [L, L] block, dropout on (the same mask cut into blocks)."""
+  cfg, model, params, _ = _init("hstu", max_len=130)
+  ids, ts, qts = _batch(cfg)
+  assert len(layers.causal_blocks(cfg.max_len)) == 3
+
+  def run(p):
+    out = model.apply({"params": p}, ids, ts, qts, deterministic=last_only,
+                      last_only=last_only, rngs={"dropout": jax.random.key(5)})
+    return out, jnp.sum(out * jnp.arange(out.shape[-1]))
+
+  blocked, grad_blocked = run(params)[0], jax.grad(lambda p: run(p)[1])(params)
+  monkeypatch.setattr(layers, "ATTENTION_BLOCK", 10**6)
+  assert len(layers.causal_blocks(cfg.max_len)) == 1
+  whole, grad_whole = run(params)[0], jax.grad(lambda p: run(p)[1])(params)
+  np.testing.assert_allclose(blocked, whole, atol=2e-6)
+  for a, b in zip(jax.tree.leaves(grad_blocked), jax.tree.leaves(grad_whole)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)

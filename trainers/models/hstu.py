@@ -26,6 +26,7 @@ scoring) stay float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -84,6 +85,40 @@ def time_buckets(dt: jax.Array, num_buckets: int, divisor: float) -> jax.Array:
   return jnp.clip(jnp.floor(jnp.log(dt) / divisor), 0, num_buckets).astype(jnp.int32)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def layer_norm(x: jax.Array, epsilon: float, dtype) -> jax.Array:
+  """``nn.LayerNorm(epsilon, use_scale=False, use_bias=False, dtype=dtype)(x)``: the same
+  numbers (statistics in float32), with the backward pass written out.
+
+  Autodiff's backward pass goes through the fast-variance formula and XLA on CPU fuses
+  it with the next layer's product into one slow library call; the closed form
+  ``(g - mean(g) - y mean(g y)) / sigma`` is several times cheaper.
+  """
+  return _layer_norm_fwd(x, epsilon, dtype)[0]
+
+
+def _layer_norm_fwd(x, epsilon, dtype):
+  stats = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean = jnp.mean(stats, axis=-1, keepdims=True)
+  var = jnp.maximum(0.0, jnp.mean(jax.lax.square(stats), axis=-1, keepdims=True)
+                    - jax.lax.square(mean))
+  mul = jax.lax.rsqrt(var + epsilon)
+  y = (x - mean) * mul
+  return y.astype(dtype), (y, mul, jnp.zeros((0,), x.dtype))
+
+
+def _layer_norm_bwd(epsilon, dtype, res, g):
+  del epsilon, dtype
+  y, mul, x_dtype = res
+  g = g.astype(y.dtype)
+  dx = mul * (g - jnp.mean(g, axis=-1, keepdims=True)
+              - y * jnp.mean(g * y, axis=-1, keepdims=True))
+  return (dx.astype(x_dtype.dtype),)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 class RelativeBias(nn.Module):
   """``rab[b, i, j]``: learned bias from ``j - i`` and the bucketed time gap."""
 
@@ -91,15 +126,18 @@ class RelativeBias(nn.Module):
 
   @nn.compact
   def __call__(self, timestamps: jax.Array | None, query_timestamps: jax.Array | None,
-               length: int) -> jax.Array:
+               length: int, queries: slice = slice(None), keys: slice = slice(None)
+               ) -> jax.Array:
+    """``[B or 1, Lq, Lk]`` bias of the ``queries`` and ``keys`` (slices of ``length``)."""
     c = self.config
-    bias = jnp.zeros((1, length, length), jnp.float32)
+    positions = jnp.arange(length)
+    offsets = positions[keys][None, :] - positions[queries][:, None]  # j - i
+    bias = jnp.zeros((1,) + offsets.shape, jnp.float32)
     if c.position_bias:
       pos_w = self.param(
           "position_weights",
           nn.with_logical_partitioning(layers.truncated_normal(0.02), (layers.POSITION,)),
           (2 * c.max_len - 1,), jnp.float32)
-      offsets = jnp.arange(length)[None, :] - jnp.arange(length)[:, None]  # j - i
       bias = bias + pos_w[offsets + c.max_len - 1][None]
     if c.time_bias and timestamps is not None:
       ts_w = self.param(
@@ -108,7 +146,7 @@ class RelativeBias(nn.Module):
           (c.num_time_buckets + 1,), jnp.float32)
       if query_timestamps is None:
         query_timestamps = timestamps
-      dt = time_gaps(query_timestamps, timestamps)
+      dt = time_gaps(query_timestamps[:, queries], timestamps[:, keys])
       bias = bias + ts_w[time_buckets(dt, c.num_time_buckets, c.time_bucket_divisor)]
     return bias
 
@@ -117,32 +155,42 @@ class HSTUBlock(nn.Module):
   config: HSTUConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, rab: jax.Array,
-               deterministic: bool, last_only: bool = False) -> jax.Array:
-    """``[B, L, D]`` -> ``[B, L, D]``; with ``last_only`` ``[B, 1, D]`` (last query only)."""
+  def __call__(self, x: jax.Array, mask: jax.Array, rabs: list[jax.Array],
+               blocks: list[tuple[slice, slice]], deterministic: bool,
+               last_only: bool = False) -> jax.Array:
+    """``[B, L, D]`` -> ``[B, L, D]``; with ``last_only`` ``[B, 1, D]`` (last query only).
+
+    ``blocks``: :func:`trainers.layers.causal_blocks` (for ``last_only``, the last query's);
+    ``rabs``: each block's relative bias; ``mask``: ``[B, 1, L, L]``.
+    """
     c = self.config
     dtype = layers.compute_dtype(c.dtype)
     b, length, _ = x.shape
     h, dqk, dv = c.num_heads, c.attention_dim, c.linear_dim
-    normed = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=dtype)(x)
+    normed = layer_norm(x, 1e-6, dtype)
     uvqk = layers.dense(2 * h * dv + 2 * h * dqk, (layers.EMBED, layers.MLP),
                         use_bias=False, kernel_init=layers.truncated_normal(0.02),
                         dtype=dtype, name="uvqk")(normed)
     uvqk = nn.silu(uvqk)
     u, v, q, k = jnp.split(uvqk, [h * dv, 2 * h * dv, 2 * h * dv + h * dqk], axis=-1)
     if last_only:
-      x, u, q, rab, mask = x[:, -1:], u[:, -1:], q[:, -1:], rab[:, -1:], mask[:, :, -1:]
-    queries = q.shape[1]
-    q = q.reshape(b, queries, h, dqk)
-    k = k.reshape(b, length, h, dqk)
-    v = v.reshape(b, length, h, dv)
-    scores = jnp.einsum("bihd,bjhd->bhij", q, k) + rab[:, None]
-    # Divide by the configured max length, not the padded one: the scale must not
-    # depend on how a batch was padded (length buckets, serving batch shapes).
-    attn = nn.silu(scores) / c.max_len * mask
-    attn = layers.Dropout(c.attention_dropout)(attn, deterministic)
-    out = jnp.einsum("bhij,bjhd->bihd", attn, v).reshape(b, queries, h * dv)
-    out = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=dtype)(out)
+      x, u = x[:, -1:], u[:, -1:]
+    queries = x.shape[1]
+    # Heads first ([B, H, L, d]): plain batched matmuls, no transposes of the [L, L] scores.
+    q, k, v = (t.reshape(b, length, h, t.shape[-1] // h).transpose(0, 2, 1, 3)
+               for t in (q, k, v))
+    attn = []
+    for (rows, keys), rab in zip(blocks, rabs):
+      scores = jnp.einsum("bhid,bhjd->bhij", q[:, :, rows], k[:, :, keys]) + rab[:, None]
+      # Divide by the configured max length, not the padded one: the scale must not
+      # depend on how a batch was padded (length buckets, serving batch shapes).
+      attn.append(nn.silu(scores) / c.max_len * mask[:, :, rows, keys])
+    attn = layers.Dropout(c.attention_dropout)(
+        attn, deterministic, blocks_of=layers.attention_blocks_of(blocks, b, h, queries, length))
+    out = [jnp.einsum("bhij,bhjd->bhid", a, v[:, :, keys]) for a, (_, keys) in zip(attn, blocks)]
+    out = jnp.concatenate(out, axis=2) if len(out) > 1 else out[0]
+    out = out.transpose(0, 2, 1, 3).reshape(b, queries, h * dv)
+    out = layer_norm(out, 1e-6, dtype)
     out = layers.Dropout(c.dropout)(u * out, deterministic)
     return x + layers.dense(c.embedding_dim, (layers.MLP, layers.EMBED), dtype=dtype,
                             name="out")(out)
@@ -173,10 +221,20 @@ class HSTU(nn.Module):
     x, valid = layers.embed_sequence(self.item_embedding, self.position_embedding,
                                      self.input_dropout, item_ids, deterministic, dtype)
     mask = layers.causal_mask(valid).astype(dtype)
-    rab = self.relative_bias(timestamps, query_timestamps, item_ids.shape[-1]).astype(dtype)
+    length = item_ids.shape[-1]
+
+    def biases(blocks):  # computed once, shared by the blocks
+      return [self.relative_bias(timestamps, query_timestamps, length, rows, keys
+                                 ).astype(dtype) for rows, keys in blocks]
+
+    blocks = layers.causal_blocks(length)
+    rabs = biases(blocks)
     for i, block in enumerate(self.blocks):
-      last = last_only and i == len(self.blocks) - 1
-      x = block(x, mask, rab, deterministic, last_only=last)
+      if last_only and i == len(self.blocks) - 1:
+        last = layers.causal_blocks(length, last_only=True)
+        x = block(x, mask, biases(last), last, deterministic, last_only=True)
+      else:
+        x = block(x, mask, rabs, blocks, deterministic)
       x = x * valid[:, -x.shape[1]:, None]
     if last_only:
       x = x[:, -1:]
