@@ -238,7 +238,9 @@ def check_resume(workdir: str, config: configs.TrainConfig) -> dict[str, Any] | 
     raise WorkdirConflict(f"{path} is not a readable TrainConfig ({e}): use a new "
                           "--workdir.") from e
   done, stopped = meta["epoch"], bool(meta.get("stopped"))
-  if stopped:
+  if stopped and meta.get("target_epoch"):
+    status = f"a run that reached its stop_at target at epoch {done}"
+  elif stopped:
     status = f"a run that stopped early (no improvement) after epoch {done}"
   elif done >= old.epochs:
     status = f"a finished run ({done} of {old.epochs} epochs)"

@@ -92,6 +92,9 @@ class TrainConfig:
   # On the validation split; "" = the task's default (ndcg@10 for retrieval, auc for ranking).
   selection_metric: str = ""
   patience: int = 10                  # evaluations without improvement before stopping; 0 = never
+  # Time to quality (MLPerf style): "SPLIT/METRIC>=VALUE" (or "<="), e.g. "valid/hr@10>=0.2";
+  # training stops after the first evaluation where it holds. "" = never.
+  stop_at: str = ""
   # input
   shuffle_buffer: int = 100_000
   # Train batches are truncated to the smallest of these fractions of max_len (and
@@ -148,6 +151,7 @@ class TrainConfig:
       object.__setattr__(self, "sharding_pins", (self.sharding_pins,))
     object.__setattr__(self, "sharding_pins", tuple(self.sharding_pins))
     self.pins()  # checks their form
+    parse_stop_at(self.stop_at)  # checks its form
     object.__setattr__(self, "exclude_history", history_exclusion(self.exclude_history))
     for ok, message in checks:
       if not ok:
@@ -223,7 +227,7 @@ class TrainConfig:
 # mesh and sharding fields place the same arrays on other devices (a checkpoint restores
 # onto any mesh or plan; float sums may round differently).
 RESUMABLE_FIELDS = frozenset({"epochs", "num_devices", "embedding_sharding", "sharding_pins",
-                              "device_memory_gb"})
+                              "device_memory_gb", "stop_at"})
 
 
 def config_differences(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
@@ -240,6 +244,23 @@ def config_differences(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[An
                   for k in sorted(a_model.keys() | b_model.keys())
                   if a_model.get(k) != b_model.get(k)})
   return diffs
+
+
+def parse_stop_at(text: str) -> tuple[str, str, str, float] | None:
+  """``"valid/hr@10>=0.2"`` -> ``("valid", "hr@10", ">=", 0.2)``; ``""`` -> None."""
+  if not text:
+    return None
+  op = ">=" if ">=" in text else "<=" if "<=" in text else None
+  where, _, value = text.partition(op) if op else ("", "", "")
+  split, _, metric = where.strip().partition("/")
+  try:
+    number = float(value)
+  except ValueError:
+    number = None
+  if op is None or not split or not metric or number is None:
+    raise ValueError(f"stop_at must read SPLIT/METRIC>=VALUE or SPLIT/METRIC<=VALUE "
+                     f"(e.g. valid/hr@10>=0.2), got {text!r}")
+  return split, metric.strip(), op, number
 
 
 def get_config(model: str = "sasrec", *, smoke: bool = False, **overrides: Any) -> TrainConfig:

@@ -172,6 +172,15 @@ def build(config: configs.TrainConfig, task: tasks.Task, mesh) -> Built:
   return built
 
 
+def _reached(results: dict[str, dict[str, float]], target) -> bool:
+  split, metric, op, value = target
+  if metric not in results[split]:
+    raise ValueError(f"stop_at: {split} has no metric {metric!r}; it has "
+                     f"{sorted(results[split])}")
+  got = results[split][metric]
+  return got >= value if op == ">=" else got <= value
+
+
 def _better(value: float, best: float | None, lower: bool = False) -> bool:
   return best is None or (value < best if lower else value > best)
 
@@ -247,6 +256,10 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
   # ----------------------------------------------------------------- eval setup
   tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb")) if primary else None
   metric_name = config.selection_metric
+  target = configs.parse_stop_at(config.stop_at)
+  if target is not None and target[0] not in eval_data:
+    raise ValueError(f"stop_at {config.stop_at!r}: no split {target[0]!r}; the splits "
+                     f"evaluated are {sorted(eval_data)}")
 
   def evaluate_all(variables) -> dict[str, dict[str, float]]:
     with sharding.use_plan(mesh, kinds):  # traced on the first call: sharded lookups
@@ -301,6 +314,10 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
           entry["learning_rate"] = decay_learning_rate(state, config)
         if config.patience and meta["stale_evals"] >= config.patience:
           meta["stopped"] = True
+      if target is not None and _reached(results, target):
+        meta["stopped"] = True
+        meta["target_epoch"] = epoch
+        entry["target_reached"] = config.stop_at
     meta["history"].append(entry)
     meta["epoch"] = epoch
     if primary:
@@ -413,6 +430,8 @@ def _summary(config, meta, num_params: int, steps_per_epoch: int,
                         "(chosen on test: for comparison with papers only)",
       "epochs_run": meta["epoch"],
       "early_stopped": bool(meta["stopped"]),
+      "stop_at": config.stop_at or None,
+      "target_epoch": meta.get("target_epoch"),
       "steps": history[-1]["step"],
       "steps_per_epoch": steps_per_epoch,
       "seconds_per_epoch": statistics.median(epoch_seconds),

@@ -164,3 +164,21 @@ def test_hstu_attention_in_causal_blocks_equals_one_block(monkeypatch, last_only
   np.testing.assert_allclose(blocked, whole, atol=2e-6)
   for a, b in zip(jax.tree.leaves(grad_blocked), jax.tree.leaves(grad_whole)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_layer_norm_equals_flax_layer_norm_with_gradients(dtype):
+  """layers.LayerNorm (closed-form backward) against nn.LayerNorm: values and gradients
+  with respect to the input, the scale and the bias."""
+  x = jax.random.normal(jax.random.key(0), (4, 7, 50)) * 3 + 1
+  ref, ours = nn.LayerNorm(epsilon=1e-8, dtype=dtype), layers.LayerNorm(epsilon=1e-8, dtype=dtype)
+  p = ref.init(jax.random.key(1), x)
+  p = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(2), a.shape), p)
+  assert jax.tree.map(jnp.shape, p) == jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x))
+  tol = 1e-5 if dtype is None else 3e-2
+  assert ref.apply(p, x).dtype == ours.apply(p, x).dtype
+  np.testing.assert_allclose(np.float32(ours.apply(p, x)), np.float32(ref.apply(p, x)), atol=tol)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x).astype(jnp.float32)))
+  for a, b in zip(jax.tree.leaves(jax.grad(loss(ours), argnums=(0, 1))(p, x)),
+                  jax.tree.leaves(jax.grad(loss(ref), argnums=(0, 1))(p, x))):
+    np.testing.assert_allclose(a, b, atol=tol * 10, rtol=tol)

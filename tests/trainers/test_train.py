@@ -55,6 +55,29 @@ def test_early_stopping_on_validation(cyclic_data, tmp_path):
   assert summary["early_stopped"] and summary["epochs_run"] < 30
 
 
+def test_stop_at_ends_after_the_first_evaluation_that_meets_the_target(cyclic_data, tmp_path):
+  """A run to 12 epochs without a target is the reference: with ``stop_at`` set to the
+  value its log reaches at epoch 4, training ends after that epoch's evaluation."""
+  full = train.train_and_evaluate(configs.get_config(
+      "sasrec", smoke=True, data_dir=cyclic_data, epochs=12, patience=0), str(tmp_path / "full"))
+  log = [json.loads(line) for line in open(tmp_path / "full" / "log.jsonl")]
+  hr = [e["valid"]["hr@10"] for e in log]
+  first = next(i for i, v in enumerate(hr) if v >= hr[3]) + 1  # epoch where it first holds
+  assert full["stop_at"] is None and full["epochs_run"] == 12
+  summary = train.train_and_evaluate(configs.get_config(
+      "sasrec", smoke=True, data_dir=cyclic_data, epochs=12, patience=0,
+      stop_at=f"valid/hr@10>={hr[3]}"), str(tmp_path / "target"))
+  assert summary["epochs_run"] == summary["target_epoch"] == first <= 4
+  assert summary["early_stopped"]
+  for bad in ("valid/hr@10>0.2", "hr@10>=0.2", "valid/hr@10>=high"):
+    with pytest.raises(ValueError, match="stop_at must read"):
+      configs.get_config("sasrec", smoke=True, stop_at=bad)
+  with pytest.raises(ValueError, match="no metric 'hr@7'"):
+    train.train_and_evaluate(configs.get_config(
+        "sasrec", smoke=True, data_dir=cyclic_data, epochs=1, stop_at="valid/hr@7>=0.1"),
+        str(tmp_path / "bad"))
+
+
 def _train_cmd(data, workdir, epochs):
   return [sys.executable, "-m", "pipelines.cli", "train", "--data", data, "--model", "hstu",
           "--workdir", workdir, "--smoke", "--epochs", str(epochs)]

@@ -91,12 +91,12 @@ class _Block(nn.Module):
     h = attention(x, mask, deterministic, last_only)
     if last_only:
       x = x[:, -1:]
-    x = nn.LayerNorm(epsilon=_EPS, dtype=dtype, name="attention_norm")(
+    x = layers.LayerNorm(epsilon=_EPS, dtype=dtype, name="attention_norm")(
         x + layers.Dropout(c.dropout)(h, deterministic))
     h = _dense(c.ffn_dim, (layers.EMBED, layers.MLP), dtype, "ffn_in")(x)
     h = _dense(c.embedding_dim, (layers.MLP, layers.EMBED), dtype, "ffn_out")(
         jax.nn.gelu(h, approximate=True))
-    return nn.LayerNorm(epsilon=_EPS, dtype=dtype, name="ffn_norm")(
+    return layers.LayerNorm(epsilon=_EPS, dtype=dtype, name="ffn_norm")(
         x + layers.Dropout(c.dropout)(h, deterministic))
 
 
@@ -113,10 +113,10 @@ class BERT4Rec(nn.Module):
         "mask_embedding", nn.with_logical_partitioning(layers.truncated_normal(0.02),
                                                        (layers.EMBED,)),
         (c.embedding_dim,), jnp.float32)
-    self.input_norm = nn.LayerNorm(epsilon=_EPS)
+    self.input_norm = layers.LayerNorm(epsilon=_EPS)
     self.blocks = [_Block(c) for _ in range(c.num_blocks)]
     self.head = _dense(c.embedding_dim, (layers.EMBED, layers.EMBED), jnp.float32, None)
-    self.head_norm = nn.LayerNorm(epsilon=_EPS)
+    self.head_norm = layers.LayerNorm(epsilon=_EPS)
     self.bias = self.param(
         "bias", nn.with_logical_partitioning(nn.initializers.zeros, (layers.VOCAB,)),
         (layers.padded_rows(c.vocab_size),), jnp.float32)

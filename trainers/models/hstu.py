@@ -26,7 +26,6 @@ scoring) stay float32.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import flax.linen as nn
 import jax
@@ -85,40 +84,6 @@ def time_buckets(dt: jax.Array, num_buckets: int, divisor: float) -> jax.Array:
   return jnp.clip(jnp.floor(jnp.log(dt) / divisor), 0, num_buckets).astype(jnp.int32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def layer_norm(x: jax.Array, epsilon: float, dtype) -> jax.Array:
-  """``nn.LayerNorm(epsilon, use_scale=False, use_bias=False, dtype=dtype)(x)``: the same
-  numbers (statistics in float32), with the backward pass written out.
-
-  Autodiff's backward pass goes through the fast-variance formula and XLA on CPU fuses
-  it with the next layer's product into one slow library call; the closed form
-  ``(g - mean(g) - y mean(g y)) / sigma`` is several times cheaper.
-  """
-  return _layer_norm_fwd(x, epsilon, dtype)[0]
-
-
-def _layer_norm_fwd(x, epsilon, dtype):
-  stats = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  mean = jnp.mean(stats, axis=-1, keepdims=True)
-  var = jnp.maximum(0.0, jnp.mean(jax.lax.square(stats), axis=-1, keepdims=True)
-                    - jax.lax.square(mean))
-  mul = jax.lax.rsqrt(var + epsilon)
-  y = (x - mean) * mul
-  return y.astype(dtype), (y, mul, jnp.zeros((0,), x.dtype))
-
-
-def _layer_norm_bwd(epsilon, dtype, res, g):
-  del epsilon, dtype
-  y, mul, x_dtype = res
-  g = g.astype(y.dtype)
-  dx = mul * (g - jnp.mean(g, axis=-1, keepdims=True)
-              - y * jnp.mean(g * y, axis=-1, keepdims=True))
-  return (dx.astype(x_dtype.dtype),)
-
-
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
 class RelativeBias(nn.Module):
   """``rab[b, i, j]``: learned bias from ``j - i`` and the bucketed time gap."""
 
@@ -167,7 +132,7 @@ class HSTUBlock(nn.Module):
     dtype = layers.compute_dtype(c.dtype)
     b, length, _ = x.shape
     h, dqk, dv = c.num_heads, c.attention_dim, c.linear_dim
-    normed = layer_norm(x, 1e-6, dtype)
+    normed = layers.layer_norm(x, 1e-6, dtype)
     uvqk = layers.dense(2 * h * dv + 2 * h * dqk, (layers.EMBED, layers.MLP),
                         use_bias=False, kernel_init=layers.truncated_normal(0.02),
                         dtype=dtype, name="uvqk")(normed)
@@ -190,7 +155,7 @@ class HSTUBlock(nn.Module):
     out = [jnp.einsum("bhij,bhjd->bhid", a, v[:, :, keys]) for a, (_, keys) in zip(attn, blocks)]
     out = jnp.concatenate(out, axis=2) if len(out) > 1 else out[0]
     out = out.transpose(0, 2, 1, 3).reshape(b, queries, h * dv)
-    out = layer_norm(out, 1e-6, dtype)
+    out = layers.layer_norm(out, 1e-6, dtype)
     out = layers.Dropout(c.dropout)(u * out, deterministic)
     return x + layers.dense(c.embedding_dim, (layers.MLP, layers.EMBED), dtype=dtype,
                             name="out")(out)

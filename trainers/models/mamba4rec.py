@@ -278,14 +278,14 @@ class MambaLayer(nn.Module):
     h = layers.Dropout(c.dropout)(h, deterministic)
     if c.num_blocks > 1:
       h = h + x
-    h = nn.LayerNorm(epsilon=1e-12, dtype=dtype, name="norm")(h)
+    h = layers.LayerNorm(epsilon=1e-12, dtype=dtype, name="norm")(h)
     f = layers.dense(4 * c.embedding_dim, (layers.EMBED, layers.MLP), dtype=dtype,
                      kernel_init=linear, name="ffn_in")(h)
     f = layers.Dropout(c.dropout)(nn.gelu(f, approximate=False), deterministic)
     f = layers.dense(c.embedding_dim, (layers.MLP, layers.EMBED), dtype=dtype,
                      kernel_init=linear, name="ffn_out")(f)
     f = layers.Dropout(c.dropout)(f, deterministic)
-    return nn.LayerNorm(epsilon=1e-12, dtype=dtype, name="ffn_norm")(f + h)
+    return layers.LayerNorm(epsilon=1e-12, dtype=dtype, name="ffn_norm")(f + h)
 
 
 class Mamba4Rec(nn.Module):
@@ -298,7 +298,7 @@ class Mamba4Rec(nn.Module):
     self.item_embedding = layers.ItemEmbedding(c.vocab_size, c.embedding_dim,
                                                normalize=c.l2_normalize)
     self.input_dropout = layers.Dropout(c.dropout)
-    self.input_norm = nn.LayerNorm(epsilon=1e-12, dtype=layers.compute_dtype(c.dtype))
+    self.input_norm = layers.LayerNorm(epsilon=1e-12, dtype=layers.compute_dtype(c.dtype))
     self.blocks = [MambaLayer(c) for _ in range(c.num_blocks)]
 
   def __call__(self, item_ids: jax.Array, timestamps: jax.Array | None = None,

@@ -75,12 +75,12 @@ class _Block(nn.Module):
   def __call__(self, x, mask, deterministic: bool, last_only: bool = False):
     c = self.config
     dtype = layers.compute_dtype(c.dtype)
-    h = nn.LayerNorm(epsilon=1e-8, dtype=dtype)(x)  # statistics in float32
+    h = layers.LayerNorm(epsilon=1e-8, dtype=dtype)(x)  # statistics in float32
     h = CausalSelfAttention(c)(h, mask, deterministic, last_only)
     if last_only:
       x = x[:, -1:]
     x = x + layers.Dropout(c.dropout)(h, deterministic)
-    h = nn.LayerNorm(epsilon=1e-8, dtype=dtype)(x)
+    h = layers.LayerNorm(epsilon=1e-8, dtype=dtype)(x)
     h = layers.dense(c.ffn_dim, (layers.EMBED, layers.MLP), dtype=dtype)(h)
     h = layers.Dropout(c.dropout)(nn.relu(h), deterministic)
     h = layers.dense(c.embedding_dim, (layers.MLP, layers.EMBED), dtype=dtype)(h)
@@ -97,7 +97,7 @@ class SASRec(nn.Module):
     self.item_embedding, self.position_embedding, self.input_dropout = (
         layers.input_modules(c))
     self.blocks = [_Block(c) for _ in range(c.num_blocks)]
-    self.final_norm = nn.LayerNorm(epsilon=1e-8)
+    self.final_norm = layers.LayerNorm(epsilon=1e-8)
 
   def __call__(self, item_ids: jax.Array, timestamps: jax.Array | None = None,
                query_timestamps: jax.Array | None = None, *,
