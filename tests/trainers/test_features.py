@@ -77,6 +77,23 @@ def test_shuffle_is_a_function_of_seed_and_epoch(tmp_path):
   assert not np.array_equal(order(1, 0), order(2, 0))
 
 
+def test_every_pass_yields_every_batch_of_the_dataset(tmp_path):
+  """Passes after the first stop at the counted number of batches rather than asking
+  tf.data for the end: each pass still equals tf.data's own full iteration."""
+  events = {u: ([2 + (u * 7 + i) % 20 for i in range(3 + u % 5)], list(range(3 + u % 5)))
+            for u in range(53)}
+  features.write_sequence_dataset(str(tmp_path), events, item_vocab_size=22, max_len=6)
+  data = SequenceData(str(tmp_path), "train", batch_size=8, max_len=6)
+  for epoch in (1, 2, 3, 2):
+    ours = list(data.batches(epoch, 0))
+    reference = list(data.dataset(epoch, 0).as_numpy_iterator())
+    assert len(ours) == len(reference) >= 5
+    for a, b in zip(ours, reference):
+      for key in b:
+        np.testing.assert_array_equal(a[key], b[key])
+  assert len(list(data.batches(1, 0, max_steps=3))) == 3
+
+
 def test_missing_dataset_says_what_to_pass(tmp_path):
   with pytest.raises(FileNotFoundError, match="recml preprocess"):
     features.load_dataset_info(str(tmp_path))
