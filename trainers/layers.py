@@ -128,9 +128,9 @@ def layer_norm(x: jax.Array, epsilon: float, dtype) -> jax.Array:
   """``nn.LayerNorm(epsilon, use_scale=False, use_bias=False, dtype=dtype)(x)``: the same
   numbers (statistics in float32), with the backward pass written out.
 
-  Autodiff's backward pass goes through the fast-variance formula and XLA on CPU fuses
-  it with the next layer's product into one slow library call; the closed form
-  ``(g - mean(g) - y mean(g y)) / sigma`` is several times cheaper.
+  The backward pass is the closed form ``(g - mean(g) - y mean(g y)) / sigma`` rather
+  than autodiff through the fast-variance formula. Measured on a 2-core CPU, the SASRec
+  train step is unchanged within noise (6.55 s/epoch either way).
   """
   return _layer_norm_fwd(x, epsilon, dtype)[0]
 
@@ -341,7 +341,7 @@ def input_modules(config: Any) -> tuple[ItemEmbedding, PositionEmbedding, Dropou
           Dropout(config.dropout))
 
 
-# Causal attention is computed in blocks of about this many queries; a block's queries
+# HSTU's causal attention is computed in blocks of about this many queries; a block's queries
 # attend only the keys up to its last query, so the keys that every query of a block
 # masks are never scored (L = 200 in blocks of 50: 10/16 of the L x L scores).
 ATTENTION_BLOCK = 50
