@@ -144,11 +144,12 @@ def test_windowed_dropout_mask_is_the_whole_arrays_mask_cut_into_blocks():
     np.testing.assert_array_equal(block, whole[cut])
 
 
+@pytest.mark.parametrize("name", ["hstu", "sasrec"])
 @pytest.mark.parametrize("last_only", [False, True])
-def test_hstu_attention_in_causal_blocks_equals_one_block(monkeypatch, last_only):
-  """HSTU at L = 130 (three query blocks) gives the outputs and gradients of the same
-  model scored as one [L, L] block, dropout on (the same mask cut into blocks)."""
-  cfg, model, params, _ = _init("hstu", max_len=130)
+def test_attention_in_causal_blocks_equals_one_block(monkeypatch, name, last_only):
+  """HSTU and SASRec at L = 130 (three query blocks) give the outputs and gradients of
+  the same model scored as one [L, L] block, dropout on (the same mask cut into blocks)."""
+  cfg, model, params, _ = _init(name, max_len=130)
   ids, ts, qts = _batch(cfg)
   assert len(layers.causal_blocks(cfg.max_len)) == 3
 
