@@ -37,7 +37,11 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 RUNS = os.path.join(RESULTS, "sequential")
 # variant -> (model, --set overrides, what it is)
 VARIANTS = {
-    "sasrec-sampled128": ("sasrec", [], "SASRec, sampled softmax, 128 uniform negatives"),
+    "sasrec-sampled128": ("sasrec", [], "SASRec, sampled softmax, 128 uniform negatives "
+                          "(one set per position index, shared by the batch)"),
+    "sasrec-s128-group8": ("sasrec", ["negative_sharing=group"],
+                           "SASRec, sampled softmax, 128 negatives shared by 8 consecutive "
+                           "positions (the default before `column`)"),
     "sasrec-ce": ("sasrec", ["loss=softmax"],
                   "SASRec, full-softmax cross-entropy over cosine similarities / 0.05"),
     "sasrec-ce-dot": ("sasrec", ["loss=softmax", "l2_normalize=False", "temperature=1.0"],
@@ -49,6 +53,8 @@ VARIANTS = {
     "bert4rec": ("bert4rec", [], "BERT4Rec, cloze (mask 0.2), full-softmax cross-entropy"),
     "mamba4rec": ("mamba4rec", [], "Mamba4Rec, 1 layer, d=64, full-softmax cross-entropy"),
     "hstu": ("hstu", [], "HSTU, sampled softmax, 128 negatives"),
+    "hstu-group8": ("hstu", ["negative_sharing=group"],
+                    "HSTU, sampled softmax, 128 negatives shared by 8 consecutive positions"),
     "hstu-large": ("hstu-large", [], "HSTU-large (8 blocks, 2 heads), sampled softmax"),
 }
 COLUMNS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")

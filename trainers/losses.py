@@ -41,7 +41,9 @@ def sample_negatives(rng: jax.Array, shape_bl: tuple[int, int], num_negatives: i
   ``sharing``: ``position`` draws fresh negatives for every position (``g = L``,
   the HSTU code), ``group`` one set per ``group`` consecutive positions
   (``g = ceil(L / group)``), ``sequence`` one set per sequence (``g = 1``),
-  ``batch`` one set for the whole batch (``b = g = 1``).
+  ``column`` one set per position index, shared by the batch's sequences (``b = 1,
+  g = L``: each position of a sequence still has its own set), ``batch`` one set for
+  the whole batch (``b = g = 1``).
   """
   b, g = _negative_shape(shape_bl, sharing, group)
   return jax.random.randint(rng, (b, g, num_negatives), low, vocab_size)
@@ -49,8 +51,9 @@ def sample_negatives(rng: jax.Array, shape_bl: tuple[int, int], num_negatives: i
 
 def _negative_shape(shape_bl: tuple[int, int], sharing: str, group: int) -> tuple[int, int]:
   b, l = shape_bl
-  g = {"position": l, "group": -(-l // max(group, 1)), "sequence": 1, "batch": 1}[sharing]
-  return (1 if sharing == "batch" else b), g
+  g = {"position": l, "group": -(-l // max(group, 1)), "sequence": 1, "column": l,
+       "batch": 1}[sharing]
+  return (1 if sharing in ("batch", "column") else b), g
 
 
 def sample_in_batch(rng: jax.Array, targets: jax.Array, weights: jax.Array,
@@ -107,8 +110,10 @@ def _grouped_logits(user, targets, weights, table, negatives, temperature, log_q
     pos = pos - log_q[targets]
   group = lambda x: jnp.pad(x, ((0, 0), (0, pad))).reshape(b, g, size)
   grouped = jnp.pad(user, ((0, 0), (0, pad), (0, 0))).reshape(b, g, size, d)
-  neg_emb = jnp.broadcast_to(take(negatives), (b, g, n, d))                        # [B, g, N, D]
-  neg = jnp.einsum("bgnd,bgsd->bgns", neg_emb, grouped) / temperature              # [B, g, N, S]
+  if nb == 1:  # shared by the batch: nothing broadcast to B before the matmul
+    neg = jnp.einsum("gnd,bgsd->bgns", take(negatives[0]), grouped) / temperature  # [B, g, N, S]
+  else:
+    neg = jnp.einsum("bgnd,bgsd->bgns", take(negatives), grouped) / temperature    # [B, g, N, S]
   if log_q is not None:
     neg = neg - log_q[negatives][..., None]
   neg_ids = jnp.broadcast_to(negatives, (b, g, n))[..., None]
@@ -133,11 +138,44 @@ def sampled_softmax_loss(user: jax.Array, targets: jax.Array, weights: jax.Array
   ``log_q`` (``[V]``, :func:`mixed_log_q`): the negatives' sampling log-probabilities,
   subtracted from every logit (logQ correction; a constant for uniform sampling).
   """
+  if negatives.shape[0] == 1:  # shared by the batch (``column``, ``batch``)
+    pos, neg, weights = _shared_logits(user, targets, weights, table, negatives, temperature,
+                                       log_q)
+    per_position = jnp.logaddexp(pos, jax.nn.logsumexp(neg, axis=1)) - pos
+    return _weighted_mean(per_position, weights, normalizer)
   pos, neg, weights = _grouped_logits(user, targets, weights, table, negatives, temperature,
                                       log_q)
   logits = jnp.concatenate([pos[:, :, None], neg], axis=2)
   per_position = jax.nn.logsumexp(logits, axis=2) - pos
   return _weighted_mean(per_position, weights, normalizer)
+
+
+def _shared_logits(user, targets, weights, table, negatives, temperature, log_q=None):
+  """``(pos [g, M], neg [g, N, M], weights [g, M])`` for negatives ``[1, g, N]`` shared
+  by the batch: group ``j``'s positions of every sequence (``M = B * S``, ``S =
+  ceil(L / g)``) in one matmul ``[N, D] x [D, M]``, ``N`` rows gathered per group.
+  Positions last: the logsumexp over ``N`` and its backward run ~2x faster on CPU than
+  in :func:`_grouped_logits`'s layout (a loss step at B = 128, L = 200, ``column``: 25
+  against 52 ms)."""
+  b, l, d = user.shape
+  _, g, n = negatives.shape
+  size = -(-l // g)
+  pad = g * size - l
+
+  def columns(x):  # [B, L, ...] -> [g, B * S, ...]
+    x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    x = jnp.swapaxes(x.reshape((b, g, size) + x.shape[2:]), 0, 1)
+    return x.reshape((g, b * size) + x.shape[3:])
+
+  take = table if callable(table) else lambda ids: jnp.take(table, ids, axis=0)
+  pos = jnp.sum(user * take(targets), axis=-1) / temperature                       # [B, L]
+  if log_q is not None:
+    pos = pos - log_q[targets]
+  neg = jnp.einsum("gnd,gmd->gnm", take(negatives[0]), columns(user)) / temperature  # [g, N, M]
+  if log_q is not None:
+    neg = neg - log_q[negatives[0]][..., None]
+  neg = jnp.where(negatives[0][:, :, None] == columns(targets)[:, None, :], _MASKED, neg)
+  return columns(pos), neg, columns(weights)
 
 
 def gbce_beta(num_negatives: int, num_items: int, t: float) -> float:

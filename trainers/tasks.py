@@ -193,9 +193,11 @@ class Retrieval(Task):
     return value, model_state
 
   def lookups_per_sample(self, table):
-    # inputs and targets at every position, plus the negatives shared by a group
+    # inputs and targets at every position, plus each position's share of its negatives
     c = self.config
-    negatives = c.num_negatives / max(c.negative_group, 1) if c.loss != "softmax" else 0
+    sharers = {"position": 1, "group": max(c.negative_group, 1), "sequence": c.max_len,
+               "column": c.batch_size, "batch": c.batch_size * c.max_len}[c.negative_sharing]
+    negatives = c.num_negatives / sharers if c.loss != "softmax" else 0
     return c.max_len * (2 + negatives)
 
   def make_evaluator(self, model, put=None):

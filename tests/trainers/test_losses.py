@@ -27,7 +27,7 @@ def numpy_sampled_softmax(user, targets, weights, table, negatives, temperature)
 
 
 @pytest.mark.parametrize("sharing,group", [("position", 1), ("group", 2), ("group", 3),
-                                           ("sequence", 1), ("batch", 1)])
+                                           ("sequence", 1), ("column", 1), ("batch", 1)])
 def test_sampled_softmax_equals_numpy(sharing, group):
   rng = np.random.default_rng(0)
   b, l, d, v, n = 3, 7, 8, 12, 6

@@ -87,7 +87,7 @@ class _Block(nn.Module):
     # sasrec's attention with a non-causal mask; its ``dropout`` is on the weights
     attention = sasrec.CausalSelfAttention(
         sasrec.SASRecConfig(num_heads=c.num_heads, dropout=c.attention_dropout,
-                            dtype=c.dtype), name="attention")
+                            dtype=c.dtype), causal=False, name="attention")
     h = attention(x, mask, deterministic, last_only)
     if last_only:
       x = x[:, -1:]

@@ -47,10 +47,11 @@ class CausalSelfAttention(nn.Module):
   ``[L, L]`` at L = 200, with the same numbers at every valid position (the keys left
   out are masked for the whole block) and the same dropout mask. With ``last_only``
   only the last position queries (keys and values stay ``L`` long) and the output is
-  ``[B, 1, D]``.
+  ``[B, 1, D]``. ``causal=False`` (BERT4Rec: any ``mask``) scores every key in one block.
   """
 
   config: SASRecConfig
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x, mask, deterministic: bool, last_only: bool = False):
@@ -60,7 +61,10 @@ class CausalSelfAttention(nn.Module):
     h = c.num_heads
     qkv = layers.dense(3 * d, (layers.EMBED, layers.HEADS), dtype=dtype, name="qkv")(x)
     q, k, v = (t.reshape(b, length, h, d // h) for t in jnp.split(qkv, 3, axis=-1))
-    blocks = layers.causal_blocks(length, last_only=last_only)
+    if self.causal:
+      blocks = layers.causal_blocks(length, last_only=last_only)
+    else:
+      blocks = [(slice(-1, None) if last_only else slice(None), slice(None))]
     weights = []
     for rows, keys in blocks:
       # Scores and softmax in float32 whatever the computation dtype.
