@@ -67,14 +67,19 @@ def run_file(dataset: str, variant: str) -> str:
   return os.path.join(RUNS, f"{dataset}-{variant}.json")
 
 
-def finished(workdir: str, max_epochs: int) -> dict | None:
-  """The run's metrics.json when it is done (stopped early or ran ``max_epochs``)."""
+def finished(workdir: str, max_epochs: int, patience: int) -> dict | None:
+  """The run's metrics.json when it is done: ran ``max_epochs``, or stopped early with
+  at least ``patience`` evaluations without improvement (a run stopped with less
+  patience resumes and continues)."""
   path = os.path.join(workdir, "metrics.json")
   if not os.path.exists(path):
     return None
   with open(path) as f:
     m = json.load(f)
-  return m if m.get("early_stopped") or m.get("epochs_run", 0) >= max_epochs else None
+  with open(os.path.join(workdir, "config.json")) as f:
+    run_patience = json.load(f).get("patience", 0)
+  stopped = m.get("early_stopped") and 0 < patience <= run_patience
+  return m if stopped or m.get("epochs_run", 0) >= max_epochs else None
 
 
 def time_to(log_path: str, metric: str, value: float) -> dict | None:
@@ -126,7 +131,7 @@ def record_existing(args) -> None:
   for name in args.datasets:
     for variant in args.variants:
       workdir = os.path.join(args.out, name, variant)
-      done = finished(workdir, args.max_epochs)
+      done = finished(workdir, args.max_epochs, args.patience)
       if done is not None:
         record(name, variant, done, workdir)
       elif (r := partial(workdir)) is not None:
@@ -146,7 +151,7 @@ def quality(args) -> None:
     for variant in args.variants:
       model, sets, _ = VARIANTS[variant]
       workdir = os.path.join(args.out, name, variant)
-      done = finished(workdir, args.max_epochs)
+      done = finished(workdir, args.max_epochs, args.patience)
       if done is None:
         print(f"== {name} {variant}: up to {args.max_epochs} epochs -> {workdir}", flush=True)
         done = train(model, data, workdir, args.max_epochs,
@@ -276,7 +281,7 @@ def main() -> int:
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
   parser.add_argument("--max-epochs", type=int, default=300)
   parser.add_argument("--eval-every", type=int, default=5)
-  parser.add_argument("--patience", type=int, default=3)
+  parser.add_argument("--patience", type=int, default=5)
   parser.add_argument("--speed", action="store_true", help="timing runs only (idle machine)")
   # Each new train shape (length bucket, last partial batch) compiles when it first
   # appears, up to epoch ~3; the median of 8 epochs is the steady state.

@@ -228,9 +228,11 @@ class TrainConfig:
 # config. ``epochs`` extends a run (data order and randomness are functions of seed,
 # epoch and step, so the result equals an uninterrupted run of that many epochs). The
 # mesh and sharding fields place the same arrays on other devices (a checkpoint restores
-# onto any mesh or plan; float sums may round differently).
+# onto any mesh or plan; float sums may round differently). ``patience`` and ``stop_at``
+# decide when a run stops: a run they stopped continues once they no longer hold
+# (:func:`trainers.train.still_stopped`).
 RESUMABLE_FIELDS = frozenset({"epochs", "num_devices", "embedding_sharding", "sharding_pins",
-                              "device_memory_gb", "stop_at"})
+                              "device_memory_gb", "stop_at", "patience"})
 
 
 def config_differences(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:

@@ -181,6 +181,22 @@ def _reached(results: dict[str, dict[str, float]], target) -> bool:
   return got >= value if op == ">=" else got <= value
 
 
+def still_stopped(meta: dict[str, Any], config: configs.TrainConfig) -> bool:
+  """Whether a restored run that had stopped stays stopped under ``config``, whose
+  ``patience`` and ``stop_at`` may differ from the run's own: a target stop holds while
+  the evaluation that met it meets ``stop_at`` as set now, an early stop while its
+  evaluations without improvement reach ``patience`` (0: never). A run that no longer
+  holds continues from its checkpoint, as if it had never stopped."""
+  if not meta.get("stopped"):
+    return False
+  target = configs.parse_stop_at(config.stop_at)
+  if meta.get("target_epoch"):
+    met = next(e for e in meta["history"] if e["epoch"] == meta["target_epoch"])
+    if target is not None and _reached(met, target):
+      return True
+  return bool(config.patience) and meta["stale_evals"] >= config.patience
+
+
 def _better(value: float, best: float | None, lower: bool = False) -> bool:
   return best is None or (value < best if lower else value > best)
 
@@ -201,9 +217,13 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
   config = task.prepare()  # the model's vocabulary sizes come from the dataset
   # The work directory's own run continues only with its config (checked before any write).
   record = check_resume(workdir, config)
-  if record is not None and record.get("stopped") and config.epochs > record["epoch"]:
-    log.warning("%s stopped early after epoch %d: more epochs continue nothing (patience %d)",
-                workdir, record["epoch"], config.patience)
+  if (record is not None and still_stopped(record, config)
+      and config.epochs > record["epoch"]):
+    log.warning("%s stopped after epoch %d (%s): more epochs continue nothing; a larger "
+                "--set patience (its evaluations without improvement: %d) or another "
+                "stop_at does", workdir, record["epoch"],
+                f"target {config.stop_at}" if record.get("target_epoch") else
+                f"patience {config.patience}", record["stale_evals"])
   if primary:
     save_config(workdir, config.to_json())
   _sync("config")
@@ -248,6 +268,11 @@ def train_and_evaluate(config: configs.TrainConfig, workdir: str) -> dict[str, A
     log.info("resumed from epoch %d (step %d)", meta["epoch"], int(state["step"]))
     ckpt.check_best(meta, task.selected(state))
     state = built.train_form(state)
+    if meta["stopped"] and not still_stopped(meta, config):
+      log.warning("continuing a run that had stopped after epoch %d (patience %d, "
+                  "stop_at %r now)", meta["epoch"], config.patience, config.stop_at)
+      meta["stopped"] = False
+      meta.pop("target_epoch", None)
   # The log is rewritten from the checkpoint, dropping epochs that were logged but not saved.
   if primary:
     with open(os.path.join(workdir, LOG_FILE), "w") as f:

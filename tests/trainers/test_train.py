@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -53,6 +54,25 @@ def test_early_stopping_on_validation(cyclic_data, tmp_path):
                            learning_rate=0.0 + 1e-9, patience=2)
   summary = train.train_and_evaluate(cfg, str(tmp_path))
   assert summary["early_stopped"] and summary["epochs_run"] < 30
+
+
+def test_an_early_stopped_run_continued_with_more_patience_equals_an_uninterrupted_run(
+    cyclic_data, tmp_path):
+  """patience=1 stops a run whose validation never improves after epoch 2; resumed with
+  patience=0 to 5 epochs, it ends with the parameters of a run that never stopped."""
+  cfg = lambda **kw: configs.get_config("sasrec", smoke=True, data_dir=cyclic_data,
+                                        learning_rate=1e-9, **kw)
+  straight = train.train_and_evaluate(cfg(epochs=5, patience=0), str(tmp_path / "straight"))
+  stopped = train.train_and_evaluate(cfg(epochs=5, patience=1), str(tmp_path / "cont"))
+  assert stopped["early_stopped"] and stopped["epochs_run"] == 2
+  again = train.train_and_evaluate(cfg(epochs=5, patience=1), str(tmp_path / "cont"))
+  assert again["epochs_run"] == 2  # the same patience: still stopped, nothing trained
+  resumed = train.train_and_evaluate(cfg(epochs=5, patience=0), str(tmp_path / "cont"))
+  assert not resumed["early_stopped"] and resumed["epochs_run"] == straight["epochs_run"] == 5
+  (a, meta_a), (b, meta_b) = (_final_params(str(tmp_path / d)) for d in ("straight", "cont"))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert [e["epoch"] for e in meta_b["history"]] == [1, 2, 3, 4, 5]
 
 
 def test_stop_at_ends_after_the_first_evaluation_that_meets_the_target(cyclic_data, tmp_path):
