@@ -76,6 +76,9 @@ def finished(workdir: str, max_epochs: int, patience: int) -> dict | None:
     return None
   with open(path) as f:
     m = json.load(f)
+  with open(os.path.join(workdir, "log.jsonl")) as f:
+    if sum(1 for _ in f) > m.get("epochs_run", 0):
+      return None  # the run continued past this record (more patience) and is unfinished
   with open(os.path.join(workdir, "config.json")) as f:
     run_patience = json.load(f).get("patience", 0)
   stopped = m.get("early_stopped") and 0 < patience <= run_patience
