@@ -91,6 +91,16 @@ def _sampled_logits(user, targets, table, negatives, temperature, log_q=None):
   return pos.reshape(b, -1)[:, :l], neg
 
 
+def _positive_logits(user, targets, table, temperature, log_q=None):
+  """``(take, pos [B, L])``: the lookup of candidate rows (``table`` a ``[V, D]`` array or
+  a function of ids) and the targets' logits / temperature, logQ-corrected if given."""
+  take = table if callable(table) else lambda ids: jnp.take(table, ids, axis=0)
+  pos = jnp.sum(user * take(targets), axis=-1) / temperature
+  if log_q is not None:
+    pos = pos - log_q[targets]
+  return take, pos
+
+
 def _grouped_logits(user, targets, weights, table, negatives, temperature, log_q=None):
   """``(pos [B, g, S], neg [B, g, N, S], weights [B, g, S])``: the logits of
   :func:`_sampled_logits` with the positions in the groups that share negatives
@@ -104,10 +114,7 @@ def _grouped_logits(user, targets, weights, table, negatives, temperature, log_q
   nb, g, n = negatives.shape
   size = -(-l // g)
   pad = g * size - l
-  take = table if callable(table) else lambda ids: jnp.take(table, ids, axis=0)
-  pos = jnp.sum(user * take(targets), axis=-1) / temperature                       # [B, L]
-  if log_q is not None:
-    pos = pos - log_q[targets]
+  take, pos = _positive_logits(user, targets, table, temperature, log_q)            # [B, L]
   group = lambda x: jnp.pad(x, ((0, 0), (0, pad))).reshape(b, g, size)
   grouped = jnp.pad(user, ((0, 0), (0, pad), (0, 0))).reshape(b, g, size, d)
   if nb == 1:  # shared by the batch: nothing broadcast to B before the matmul
@@ -167,10 +174,7 @@ def _shared_logits(user, targets, weights, table, negatives, temperature, log_q=
     x = jnp.swapaxes(x.reshape((b, g, size) + x.shape[2:]), 0, 1)
     return x.reshape((g, b * size) + x.shape[3:])
 
-  take = table if callable(table) else lambda ids: jnp.take(table, ids, axis=0)
-  pos = jnp.sum(user * take(targets), axis=-1) / temperature                       # [B, L]
-  if log_q is not None:
-    pos = pos - log_q[targets]
+  take, pos = _positive_logits(user, targets, table, temperature, log_q)            # [B, L]
   neg = jnp.einsum("gnd,gmd->gnm", take(negatives[0]), columns(user)) / temperature  # [g, N, M]
   if log_q is not None:
     neg = neg - log_q[negatives[0]][..., None]
