@@ -9,8 +9,10 @@ For each bundle, on 127.0.0.1 and side by side in one run:
   `recml serve --naive` (one request at a time, the baseline), `--workers 1` (the
   micro-batched single-worker server) and the multi-worker server (`--workers N`, or
   `recml serve`'s own default without --workers);
-- the model alone (no HTTP, one XLA thread, the same requests) at 1 and 32 requests per
-  call: the ceiling each server's QPS at c=32 is compared with;
+- the model alone (no HTTP, `recml serve`'s XLA flags, the same requests) at 1 and 32
+  requests per call, on every core: the ceiling each server's QPS at c=32 is compared
+  with; and at 32 per call on one core, the share `recml serve` gives its device process
+  (shown, not a target);
 - start-up of the multi-worker server, process start to the first 200 of /health: cold
   (an empty `--compile-cache` folder) and warm (the same folder again).
 
@@ -231,10 +233,14 @@ def load_level(url: str, bodies_file: str, concurrency: int, args) -> dict:
 
 
 def cmd_ceiling(args) -> None:
-  """Rows/s of the model alone (no HTTP, one XLA thread, as `recml serve`): each request
-  as its own call (what the naive server does per request) and 32 requests per call (a
-  full micro-batch, length-grouped by the server's plan). The second is the ceiling a
-  server's QPS is compared with."""
+  """Rows/s of the model alone (no HTTP, `recml serve`'s XLA flags): each request as its
+  own call (what the naive server does per request) and 32 requests per call (a full
+  micro-batch, length-grouped by the server's plan). The second is the ceiling a server's
+  QPS is compared with. The flags do not make XLA single-threaded: its CPU pool has a
+  thread per core this process may use, so ``--one-core`` (this process on the last
+  core before JAX starts) gives what the server's device process has."""
+  if args.one_core and hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
                              "=false intra_op_parallelism_threads=1").strip()
   sys.path.insert(0, REPO)
@@ -253,23 +259,30 @@ def cmd_ceiling(args) -> None:
             for line in f.read().splitlines()[:args.rows]]
   device = jax.devices()[0]
   result = {"backend": jax.default_backend(), "device": device.device_kind}
-  for size in (1, CEILING_BATCH):
+  for size in (CEILING_BATCH,) if args.one_core else (1, CEILING_BATCH):
     times = []
     for _ in range(args.repeats):
       started = time.perf_counter()
       for i in range(0, len(rows), size):
         predictor_lib.run_rows(predictor, rows[i:i + size])
       times.append(time.perf_counter() - started)
-    result[f"rows_per_s_batch{size}"] = len(rows) / sorted(times)[len(times) // 2]
+    result[f"rows_per_s_batch{size}"] = len(rows) / min(times)  # the fastest: a ceiling
   print(json.dumps(result))
 
 
 def device_ceiling(bundle: str, bodies_file: str, args, cache: str | None) -> dict:
-  out = subprocess.run([sys.executable, os.path.abspath(__file__), "ceiling", "--bundle", bundle,
-                        "--bodies", bodies_file, "--rows", str(args.ceiling_rows)]
-                       + (["--compile-cache", cache] if cache else []),
-                       check=True, stdout=subprocess.PIPE, text=True)
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  """The model alone on every core, and at 32 per call on one core (``one_core_*``)."""
+  result = {}
+  for one_core in (False, True):
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "ceiling", "--bundle",
+                          bundle, "--bodies", bodies_file, "--rows", str(args.ceiling_rows)]
+                         + (["--compile-cache", cache] if cache else [])
+                         + (["--one-core"] if one_core else []),
+                         check=True, stdout=subprocess.PIPE, text=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    result.update({f"one_core_{k}": v for k, v in res.items() if k.startswith("rows")}
+                  if one_core else res)
+  return result
 
 
 # ---------------------------------------------------------------------------
@@ -480,18 +493,28 @@ def load_table(results: dict, levels) -> str:
   return "\n".join(lines)
 
 
+def best_ceiling(ceiling: dict) -> float:
+  """The model alone at batch 32 at its fastest: on every core or on one, whichever ran
+  faster (on a shared 2-core machine either may; the servers are held to the higher)."""
+  return max(v for k, v in ceiling.items() if k.endswith(f"rows_per_s_batch{CEILING_BATCH}"))
+
+
 def ceiling_table(results: dict) -> str:
-  lines = ["| model | model alone, 1 per call (rows/s) | model alone, 32 per call (rows/s) | "
-           "naive QPS c=32 / that | 1 worker QPS c=32 / that | N workers QPS c=32 / that |",
-           "|---|---:|---:|---:|---:|---:|"]
+  lines = ["| model | model alone, 1 per call (rows/s) | model alone, 32 per call, every core "
+           "(rows/s) | same, one core (rows/s) | naive QPS c=32 / the faster | 1 worker QPS "
+           "c=32 / the faster | N workers QPS c=32 / the faster |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
   for name, res in results.items():
     b1 = res["ceiling"]["rows_per_s_batch1"]
     b32 = res["ceiling"][f"rows_per_s_batch{CEILING_BATCH}"]
+    one = res["ceiling"].get(f"one_core_rows_per_s_batch{CEILING_BATCH}")
+    best = best_ceiling(res["ceiling"])
     cells = []
     for server in SERVERS:
       r = _row(res["rows"], name, server, 32)
-      cells.append("n/a" if r is None else f"{r['qps'] / b32:.0%} ({r['qps']:.0f})")
-    lines.append(f"| {name} | {b1:.0f} | {b32:.0f} | " + " | ".join(cells) + " |")
+      cells.append("n/a" if r is None else f"{r['qps'] / best:.0%} ({r['qps']:.0f})")
+    lines.append(f"| {name} | {b1:.0f} | {b32:.0f} | " + (f"{one:.0f}" if one else "n/a")
+                 + " | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -519,7 +542,7 @@ def target_lines(results: dict) -> list[str]:
     out.append(f"- **{verdict}** ({name}) {what}{number}")
 
   for name, res in results.items():
-    b32 = res["ceiling"][f"rows_per_s_batch{CEILING_BATCH}"]
+    b32 = best_ceiling(res["ceiling"])
     c32, c1 = _row(res["rows"], name, "multi", 32), _row(res["rows"], name, "multi", 1)
     frac = c32 and c32["qps"] / b32
     line(name, f"multi-worker QPS at c=32 ≥ {TARGETS['ceiling_fraction']:.0%} of the model "
@@ -572,7 +595,7 @@ def report(results: dict, args, load: tuple[float, float], argv: list[str]) -> s
       command=shlex.join([".venv/bin/python", "benchmarks/serving_bench.py", *argv]),
       requests=args.requests, seconds=args.seconds, warmup=args.warmup,
       max_batch=args.max_batch, runs=args.runs, warm_starts=args.warm_starts,
-      median_len=statistics.median_high(lengths),
+      ceiling_rows=args.ceiling_rows, median_len=statistics.median_high(lengths),
       workers=args.workers or "`recml serve`'s default (no --workers)",
       **{k: v for k, v in TARGETS.items()})]
   if args.quick:
@@ -608,14 +631,17 @@ Servers, all `recml serve --max-batch {max_batch}`:
 - `N workers` = {workers}: N HTTP worker processes, one
   device process.
 
-The model alone runs the same requests with no HTTP and one XLA thread, 1 and 32 per
-call (length-grouped by the server's plan). Start-up of the `N workers` server is process
-start to the first 200 of /health: cold with an empty `--compile-cache` folder, warm with
+The model alone runs the same requests with no HTTP and `recml serve`'s XLA flags, 1 and
+32 per call (length-grouped by the server's plan), with every core (XLA's CPU pool has a
+thread per core); and 32 per call on one core, what the server's device process has (on
+N cores: one for the model, N-1 for the HTTP workers). Each is the fastest of 5 passes
+over the same {ceiling_rows} requests; the servers are compared with the faster of the two.
+Start-up of the `N workers` server is process start to the first 200 of /health: cold with an empty `--compile-cache` folder, warm with
 the same folder again (median of {warm_starts}); the `1 worker` server and the model alone
 start from that folder too.
 
 Targets, for the `N workers` server: QPS at c=32 ≥ {ceiling_fraction:.0%} of the model alone
-at batch 32; p99 < {p99_ms:.0f} ms at c=32; p50 < {p50_ms_c1:.0f} ms at c=1; a warm restart
+at batch 32 (the faster); p99 < {p99_ms:.0f} ms at c=32; p50 < {p50_ms_c1:.0f} ms at c=1; a warm restart
 ready in < {warm_start_s:.0f} s; on a GPU also QPS at c=128 ≥ {gpu_ceiling_fraction_c128:.0%}
 of the model alone at batch 32."""
 
@@ -642,8 +668,10 @@ def main(argv=None) -> int:
   ceiling.add_argument("--bundle", required=True)
   ceiling.add_argument("--bodies", required=True)
   ceiling.add_argument("--rows", type=int, default=640)
-  ceiling.add_argument("--repeats", type=int, default=3)
+  ceiling.add_argument("--repeats", type=int, default=5)
   ceiling.add_argument("--compile-cache", metavar="DIR", help="as recml serve's")
+  ceiling.add_argument("--one-core", action="store_true",
+                       help="this process on one core (XLA's pool: one thread)")
   parser.add_argument("--bundle", action="append", default=[], metavar="NAME=DIR")
   parser.add_argument("--ratings", default=os.path.join(
       REPO, "..", "shared", "datasets", "ml-1m-partial", "ratings_users1-2999.dat.gz"))

@@ -43,16 +43,48 @@ CorePlan = tuple[tuple[int, ...], int]  # (every core, the device process's core
 
 def core_plan() -> CorePlan | None:
   """Where ``recml serve`` runs on the cores this process may use (Linux, two or more):
-  ``(all of them, the last one)``. The device process's own thread (the one that batches
-  and calls the model) keeps to the last core and the HTTP workers to the others; XLA's
-  threads may use every core. No worker then preempts the device's thread or cools its
-  core's caches: on this project's 2-core machine (shared, noisy), SASRec on
-  ml-1m-partial at concurrency 32 answered a median 2,656 QPS against 2,575 unpinned
-  (13 alternating runs; 9 won), with a lower p99. None: no pinning."""
+  ``(all of them, the last one)``. The device process keeps to the last core and the HTTP
+  workers to the others. With one XLA thread per call (``--cpu-threads 1``, the default)
+  the whole device process does, XLA's threads too (:func:`device_affinity`); otherwise
+  only its own thread (the one that batches and calls the model), XLA's threads using
+  every core. No worker then preempts the device's thread or cools its core's caches: on
+  this project's 2-core machine (shared, noisy), SASRec on ml-1m-partial at concurrency
+  32 answered a median 2,656 QPS against 2,575 unpinned (13 alternating runs; 9 won),
+  with a lower p99. None: no pinning."""
   if not hasattr(os, "sched_getaffinity"):
     return None
   cores = tuple(sorted(os.sched_getaffinity(0)))
   return (cores, cores[-1]) if len(cores) > 1 else None
+
+
+def xla_single_threaded(environ=os.environ) -> bool:
+  """Whether XLA runs each call on one thread here (``recml serve --cpu-threads 1`` sets
+  ``--xla_cpu_multi_thread_eigen=false`` in ``XLA_FLAGS``)."""
+  return "--xla_cpu_multi_thread_eigen=false" in environ.get("XLA_FLAGS", "")
+
+
+def device_affinity(plan: CorePlan, environ=os.environ) -> set[int]:
+  """The cores of the device process while it loads the bundle (XLA sizes its CPU thread
+  pool from them then): its own core when XLA runs calls on one thread, else every core.
+
+  The flags alone do not give one thread: XLA's CPU client still starts a pool of one
+  thread per core it may use, and a call's work runs on it. On 2 cores, SASRec calls kept
+  1.34 cores busy (357 us of CPU a row against 266 us of wall time, 16 rows a call; on
+  one core, 287 us of both). In the server that second thread took the HTTP workers'
+  core: SASRec on ml-1m-partial at c=32 answered 2,745, 2,772 and 2,756 QPS with XLA's
+  pool on both cores against 2,934, 3,068 and 2,920 with the device process on its own
+  core (alternating runs; its CPU 340 against 305 us a row)."""
+  return {plan[1]} if xla_single_threaded(environ) else set(plan[0])
+
+
+def pin_threads(cores: set[int]) -> None:
+  """Every thread of this process onto ``cores`` (``sched_setaffinity(0)`` moves only the
+  calling thread; threads started before it, by modules imported at start-up, stay)."""
+  for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [0]:
+    try:
+      os.sched_setaffinity(int(task), cores)
+    except OSError:  # the thread ended meanwhile
+      pass
 
 
 def worker_cores(plan: CorePlan | None) -> set[int] | None:
@@ -67,8 +99,8 @@ def _device_main(conn, bundle_dir: str, buckets: tuple[int, ...],
   ``address``, says ``("ready", info)`` on the pipe (or ``("error", message)``), then
   batches the workers' rows until the pipe closes (on ``cores``' device core)."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which stops us
-  if cores:  # XLA's threads, started while loading, may use every core
-    os.sched_setaffinity(0, cores[0])
+  if cores:  # XLA's threads, started while loading, get these cores
+    pin_threads(device_affinity(cores))
   try:
     bundle = export.load_bundle(bundle_dir)
     predictor = predictor_lib.make_predictor(bundle, buckets, length_buckets)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 from serving import predictor as predictor_lib
 from serving import fastpath, protocol, shm
 from serving.device import (Backoff, CorePlan, DeviceLink, DeviceUnavailable, Supervisor,
-                            core_plan, worker_cores)
+                            core_plan, pin_threads, worker_cores)
 from trainers import export
 
 log = logging.getLogger("recml.serve")
@@ -313,7 +313,7 @@ async def serve(bundle: str, host: str, port: int, workers: int = 1, **app_kwarg
   stop, finish = stop_on_signals(loop)
   cores = None if app_kwargs.get("naive") else core_plan()
   if cores:  # this thread, and the threads it starts: off the device process's core
-    os.sched_setaffinity(0, worker_cores(cores))
+    pin_threads(worker_cores(cores))
   app = make_app(bundle, on_fatal=finish, cores=cores, **app_kwargs)
   runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
   await runner.setup()

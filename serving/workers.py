@@ -30,7 +30,8 @@ import sys
 import time
 from typing import Any
 
-from serving.device import Backoff, Supervisor, core_plan, exit_reason, worker_cores
+from serving.device import (Backoff, Supervisor, core_plan, exit_reason, pin_threads,
+                            worker_cores)
 from serving.fastpath import listening_socket
 from serving.server import stop_on_signals
 
@@ -51,7 +52,7 @@ def _worker_main(control, index: int, bundle: str, host: str, port: int,
   (exit 0) or the master's pipe closes (exit 1), on ``cores`` (all if None)."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the master, which stops us
   if cores:
-    os.sched_setaffinity(0, cores)
+    pin_threads(cores)
   logging.basicConfig(level=logging.INFO, format=(
       f"%(asctime)s %(name)s [worker {index} pid {os.getpid()}] %(message)s"))
   logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

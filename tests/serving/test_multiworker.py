@@ -133,6 +133,33 @@ def wait_all_ready(server, device_pid=None, timeout: float = 60) -> dict[int, di
     time.sleep(0.2)
 
 
+def thread_cores(pid: int) -> dict[str, set[str]]:
+  """thread name -> the CPU lists (``Cpus_allowed_list``) of that process's threads of
+  that name, from Linux's /proc."""
+  out: dict[str, set[str]] = {}
+  for task in os.listdir(f"/proc/{pid}/task"):
+    with open(f"/proc/{pid}/task/{task}/status", encoding="utf-8") as f:
+      status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    out.setdefault(status["Name"], set()).add(status["Cpus_allowed_list"])
+  return out
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two cores")
+def test_device_process_and_its_xla_threads_keep_to_one_core_off_the_workers(multi):
+  server = multi("sasrec")
+  health = server.wait_ready()
+  device_core = str(max(os.sched_getaffinity(0)))
+  device = thread_cores(health["device_pid"])
+  eigen = [name for name in device if "Eigen" in name]
+  assert eigen, device  # XLA's CPU pool threads are there to be checked
+  assert set().union(*device.values()) == {device_core}, device  # every thread, XLA's too
+  pids = children(server.proc.pid) - {health["device_pid"]}
+  assert len(pids) == WORKERS
+  for pid in pids:  # the workers keep off it
+    for cores in set().union(*thread_cores(pid).values()):
+      assert device_core not in cores.replace("-", ",").split(","), (pid, cores)
+
+
 def test_requests_spread_over_the_workers(multi):
   server = multi("sasrec")
   seen = {}
@@ -312,3 +339,4 @@ def test_unloadable_bundle_exits_nonzero_with_the_reason(bundles, tmp_path):
   assert out.returncode == 1, out.stderr[-2000:]
   error = [line for line in out.stderr.splitlines() if line.startswith("error:")]
   assert error and all(r in error[-1] for r in reasons), error
+
