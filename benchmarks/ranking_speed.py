@@ -16,6 +16,12 @@ so that both fit in memory together.
   dense parameters: ``torch.optim.Adagrad``. Installed by this script into its own venv
   (``--torchrec-venv``), never into the project's.
 
+Two precisions, each side by side: float32, and bfloat16 compute with float32 parameters
+and optimiser state (JAX: the model's ``dtype=bfloat16``, tables looked up in float32 then
+cast; TorchRec: the forward pass under ``torch.autocast("cpu", torch.bfloat16)``, its
+FBGEMM tables float32). This machine's cores have AVX512-BF16: XLA's bfloat16 matmul ran at
+twice its float32 rate (257 against 127 GFLOP/s, [2048, 1024] x [1024, 1024]).
+
 Each framework runs in its own worker process; the workers stay alive and their timed
 blocks are interleaved (repeat r of every worker before repeat r+1), so that a change of
 the machine's load hits both alike. Per repeat: ``--steps`` steps after ``--warmup``
@@ -58,6 +64,8 @@ MLPERF_VOCAB_SIZES = (40000000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 40
 NUM_DENSE = 13
 FIRST_ID = 2          # ids 0 (PAD) and 1 (OOV) are never drawn (trainers.ranking_features)
 LEARNING_RATE = 0.005  # MLPerf reference; trainers.models.dlrm.TRAIN_PRESETS["dlrm-v2"]
+BF16 = "-bf16"         # a worker variant's suffix: bfloat16 compute, float32 parameters
+PRECISIONS = {"fp32": "", "bf16": BF16}
 ADAGRAD_EPS = 1e-8
 LABEL_RATE = 0.25
 NUM_BATCHES = 4       # distinct synthetic batches cycled through
@@ -138,9 +146,11 @@ def jax_runner(variant: str, batch_size: int, vocab_cap: int) -> Runner:
   from trainers import configs, models, tasks, train  # pylint: disable=g-import-not-at-top
   from trainers.models.dlrm import TRAIN_PRESETS  # pylint: disable=g-import-not-at-top
 
+  variant, bf16 = variant.removesuffix(BF16), variant.endswith(BF16)
   rows = table_rows(vocab_cap)
   host_batches = synthetic_batches(rows, batch_size)
-  model_config = models.model_config("dlrm-v2", vocab_sizes=rows, num_dense=NUM_DENSE)
+  model_config = models.model_config("dlrm-v2", vocab_sizes=rows, num_dense=NUM_DENSE,
+                                     dtype="bfloat16" if bf16 else "float32")
   config = configs.TrainConfig(model="dlrm-v2", model_config=model_config, **{
       **TRAIN_PRESETS["dlrm-v2"], "batch_size": batch_size, "eval_batch_size": batch_size})
   if config.optimizer != "adagrad" or config.learning_rate != LEARNING_RATE:
@@ -239,6 +249,7 @@ def torchrec_runner(variant: str, batch_size: int, vocab_cap: int) -> Runner:
   import fbgemm_gpu
   # pylint: enable=g-import-not-at-top
   logging.getLogger("torchrec").setLevel(logging.ERROR)  # the planner's tables and hints
+  variant, bf16 = variant.removesuffix(BF16), variant.endswith(BF16)
   if variant != "train":
     raise ValueError(f"the TorchRec worker only times the train step, not {variant!r}")
 
@@ -290,7 +301,8 @@ def torchrec_runner(variant: str, batch_size: int, vocab_cap: int) -> Runner:
     loss = None
     for _ in range(n):
       optimizer.zero_grad()
-      loss, _ = dmp(batches[state["i"] % NUM_BATCHES])
+      with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # forward only
+        loss, _ = dmp(batches[state["i"] % NUM_BATCHES])
       loss.backward()
       optimizer.step()
       state["i"] += 1
@@ -481,20 +493,22 @@ def report(args: argparse.Namespace, speed: list[tuple[Job, Job | None]],
       "",
       "## Throughput",
       "",
-      "| batch | JAX dlrm-v2 samples/s | TorchRec DLRM_DCN samples/s | JAX / TorchRec "
-      "samples/s (median of paired repeats, range) | "
+      "| precision | batch | JAX dlrm-v2 samples/s | TorchRec DLRM_DCN samples/s | JAX / "
+      "TorchRec samples/s (median of paired repeats, range) | "
       "JAX ms/step | TorchRec ms/step | peak RSS GB (JAX / TorchRec) |",
-      "|---|---|---|---|---|---|---|",
+      "|---|---|---|---|---|---|---|---|",
   ]
   for jax_job, tr_job in speed:
+    precision = "bf16" if jax_job.variant.endswith(BF16) else "fp32"
     if tr_job is None:
-      lines.append(f"| {jax_job.batch_size} | {_rate(jax_job)} | — | — | {jax_job.step_ms:.0f} "
+      lines.append(f"| {precision} | {jax_job.batch_size} | {_rate(jax_job)} | — | — | "
+                   f"{jax_job.step_ms:.0f} "
                    f"| — | {jax_job.info.get('peak_rss_gb', 0):.2f} / — |")
       continue
     # Repeats ran back to back (interleaved), so each pair saw about the same load.
     ratios = sorted(t / j for j, t in zip(jax_job.seconds, tr_job.seconds))
     lines.append(
-        f"| {jax_job.batch_size} | {_rate(jax_job)} | {_rate(tr_job)} | "
+        f"| {precision} | {jax_job.batch_size} | {_rate(jax_job)} | {_rate(tr_job)} | "
         f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}–{ratios[-1]:.2f}) | "
         f"{jax_job.step_ms:.0f} | {tr_job.step_ms:.0f} | "
         f"{jax_job.info.get('peak_rss_gb', 0):.2f} / {tr_job.info.get('peak_rss_gb', 0):.2f} |")
@@ -505,8 +519,8 @@ def report(args: argparse.Namespace, speed: list[tuple[Job, Job | None]],
       f"Work: {sum(macs.values()) / 1e6:.1f} M multiply-adds per sample forward ("
       + ", ".join(f"{k} {v / sum(macs.values()):.0%}" for k, v in macs.items())
       + f"), so ~{flops / 1e6:.0f} MFLOP per sample per train step; the JAX step reaches "
-      + ", ".join(f"{flops * j.batch_size / (j.step_ms / 1000) / 1e9:.0f} GFLOP/s at batch "
-                  f"{j.batch_size}" for j, _ in speed)
+      + ", ".join(f"{flops * j.batch_size / (j.step_ms / 1000) / 1e9:.0f} GFLOP/s at "
+                  f"{j.label.removeprefix('JAX ')}" for j, _ in speed)
       + " (medians; the table lookups and updates are memory traffic, not FLOPs).",
   ]
   if breakdown:
@@ -547,6 +561,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--batch-sizes", type=int, nargs="+",
                       help=f"default {FULL['batch_sizes']} ({QUICK['batch_sizes']} with --quick)")
+  parser.add_argument("--precisions", nargs="+", choices=tuple(PRECISIONS),
+                      default=list(PRECISIONS), help="default: both, side by side")
   parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--warmup", type=int,
@@ -598,14 +614,17 @@ def main(argv: list[str] | None = None) -> int:
 
   speed: list[tuple[Job, Job | None]] = []
   breakdown: list[Job] = []
-  for batch_size in args.batch_sizes:
-    jax_job = Job(f"JAX train b{batch_size}", "jax", "train", batch_size, args.vocab_cap)
-    tr_job = (None if args.skip_torchrec else
-              Job(f"TorchRec train b{batch_size}", "torchrec", "train", batch_size,
-                  args.vocab_cap))
-    group = [jax_job] + ([tr_job] if tr_job else [])
-    speed.append((jax_job, tr_job))
-    run_group(group, pythons, args)
+  for precision in args.precisions:
+    variant = "train" + PRECISIONS[precision]
+    for batch_size in args.batch_sizes:
+      jax_job = Job(f"JAX {precision} b{batch_size}", "jax", variant, batch_size,
+                    args.vocab_cap)
+      tr_job = (None if args.skip_torchrec else
+                Job(f"TorchRec {precision} b{batch_size}", "torchrec", variant, batch_size,
+                    args.vocab_cap))
+      group = [jax_job] + ([tr_job] if tr_job else [])
+      speed.append((jax_job, tr_job))
+      run_group(group, pythons, args)
   if args.breakdown_batch_size:
     b = args.breakdown_batch_size
     breakdown = [
