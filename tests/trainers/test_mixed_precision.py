@@ -259,3 +259,36 @@ def test_exported_bf16_model_serves_the_trainers_bf16_scores(name):
   want32 = np.asarray(jax.jit(evaluate.make_score_fn(model32))(state["params"], batch))
   assert not np.allclose(want32[:, features.FIRST_ITEM_ID:],
                          want[:, features.FIRST_ITEM_ID:], rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_matmul_and_its_gradients_match_a_float32_numpy_reference():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 40, 96)), jnp.bfloat16)   # [..., K]: leading axes kept
+  w = jnp.asarray(rng.normal(size=(96, 72)) / 10, jnp.bfloat16)
+  g = jnp.asarray(rng.normal(size=(3, 40, 72)), jnp.bfloat16)
+  y, vjp = jax.vjp(jax.jit(layers.bf16_matmul), x, w)
+  dx, dw = vjp(g)
+  assert (y.dtype, dx.dtype, dw.dtype, y.shape, dx.shape, dw.shape) == (
+      jnp.bfloat16, jnp.bfloat16, jnp.bfloat16, (3, 40, 72), x.shape, w.shape)
+  f = lambda a: np.asarray(a, np.float32)  # noqa: E731
+  ref_y = f(x) @ f(w)
+  ref_dx = f(g) @ f(w).T
+  ref_dw = f(x).reshape(-1, 96).T @ f(g).reshape(-1, 72)
+  for got, ref in ((y, ref_y), (dx, ref_dx), (dw, ref_dw)):
+    # float32 accumulation: only the result's rounding to bfloat16 (2**-8 relative)
+    np.testing.assert_allclose(f(got), ref, rtol=2**-7, atol=2**-7 * np.abs(ref).max())
+
+
+def test_bf16_dense_layer_goes_through_bf16_matmul_and_float32_through_dot_general():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(8, 16)), jnp.float32)
+  for dtype, routed in ((jnp.bfloat16, True), (jnp.float32, False)):
+    layer = layers.dense(4, (layers.EMBED, layers.MLP), dtype=dtype)
+    params = nn.meta.unbox(layer.init(jax.random.key(0), x))
+    text = jax.jit(layer.apply).lower(params, x).as_text()
+    # bf16_matmul's dot: bfloat16 operands, float32 result (the accumulation)
+    accumulates = re.search(r"dot_general.*\(tensor<8x16xbf16>, tensor<16x4xbf16>\) -> "
+                            r"tensor<8x4xf32>", text)
+    assert bool(accumulates) == routed, text[-2000:]
+    kernel = np.asarray(params["params"]["kernel"], np.float32)
+    np.testing.assert_allclose(np.asarray(layer.apply(params, x), np.float32),
+                               np.asarray(x) @ kernel, rtol=2e-2, atol=2e-2)
