@@ -636,14 +636,14 @@ The model alone runs the same requests with no HTTP and `recml serve`'s XLA flag
 thread per core); and 32 per call on one core, what the server's device process has (on
 N cores: one for the model, N-1 for the HTTP workers). Each is the fastest of 5 passes
 over the same {ceiling_rows} requests; the servers are compared with the faster of the two.
-Start-up of the `N workers` server is process start to the first 200 of /health: cold with an empty `--compile-cache` folder, warm with
-the same folder again (median of {warm_starts}); the `1 worker` server and the model alone
-start from that folder too.
+Start-up of the `N workers` server is process start to the first 200 of /health: cold
+with an empty `--compile-cache` folder, warm with the same folder again (median of {warm_starts});
+the `1 worker` server and the model alone start from that folder too.
 
 Targets, for the `N workers` server: QPS at c=32 ≥ {ceiling_fraction:.0%} of the model alone
-at batch 32 (the faster); p99 < {p99_ms:.0f} ms at c=32; p50 < {p50_ms_c1:.0f} ms at c=1; a warm restart
-ready in < {warm_start_s:.0f} s; on a GPU also QPS at c=128 ≥ {gpu_ceiling_fraction_c128:.0%}
-of the model alone at batch 32."""
+at batch 32 (the faster); p99 < {p99_ms:.0f} ms at c=32; p50 < {p50_ms_c1:.0f} ms at c=1;
+a warm restart ready in < {warm_start_s:.0f} s; on a GPU also QPS at c=128
+≥ {gpu_ceiling_fraction_c128:.0%} of the model alone at batch 32."""
 
 
 # ---------------------------------------------------------------------------

@@ -216,7 +216,8 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
   libraries accumulate bfloat16 in float32 and take transposed operands as they are) is
   ``dot_general`` itself."""
   (lhs_contract, rhs_contract), batch = dimension_numbers
-  if (jax.default_backend() == "cpu" and lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.bfloat16 and rhs.ndim == 2
+  if (jax.default_backend() == "cpu" and lhs.dtype == jnp.bfloat16
+      and rhs.dtype == jnp.bfloat16 and rhs.ndim == 2
       and tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
       and batch == ((), ()) and preferred_element_type in (None, jnp.bfloat16)):
     return bf16_matmul(lhs, rhs)
