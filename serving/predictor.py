@@ -40,16 +40,15 @@ def time_inputs(timestamps: np.ndarray, query_timestamps: np.ndarray, words: boo
   inputs: the trainer's int32 words ``[n, L, 2]`` (:func:`trainers.input_pipeline.model_batch`),
   or for format 1 and 2 bundles (``words=False``) int32 offsets ``[n, L]`` from the same
   reference, saturated at the int32 range (exact for gaps under 2**31 s)."""
-  from trainers import input_pipeline  # pylint: disable=g-import-not-at-top  (numpy only)
-  batch = {"timestamps": np.asarray(timestamps, np.int64),
-           "query_timestamps": np.asarray(query_timestamps, np.int64)}
+  timestamps = np.asarray(timestamps, np.int64)
+  query_timestamps = np.asarray(query_timestamps, np.int64)
+  reference = query_timestamps.max(axis=-1)  # as trainers.input_pipeline.model_batch
   if words:
-    batch = input_pipeline.model_batch(batch)
-    return batch["timestamps"], batch["query_timestamps"]
-  reference = batch["query_timestamps"].max(axis=-1, keepdims=True)
+    return (features.time_words(timestamps, reference),
+            features.time_words(query_timestamps, reference))
   info = np.iinfo(np.int32)
-  return tuple(np.clip(batch[k] - reference, info.min, info.max).astype(np.int32)
-               for k in export.TIME_INPUTS)
+  return tuple(np.clip(t - reference[:, None], info.min, info.max).astype(np.int32)
+               for t in (timestamps, query_timestamps))
 
 
 def right_align(rows: Sequence[Sequence[int]], length: int, out: np.ndarray | None = None):

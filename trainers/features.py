@@ -249,9 +249,13 @@ def time_words(times: np.ndarray, reference: np.ndarray) -> np.ndarray:
   whose reference is beyond 2**55) saturate the high word.
   """
   offset = np.asarray(times, np.int64) - np.asarray(reference, np.int64)[..., None]
-  high = np.clip(offset >> TIME_WORD_BITS, _INT32.min, _INT32.max)
-  low = offset & ((1 << TIME_WORD_BITS) - 1)
-  return np.stack([high, low], axis=-1).astype(np.int32)
+  high = offset >> TIME_WORD_BITS
+  if high.size and (high.min() < _INT32.min or high.max() > _INT32.max):  # rare: saturate
+    high = np.clip(high, _INT32.min, _INT32.max)
+  out = np.empty(offset.shape + (2,), np.int32)  # written in place: no stack, no astype
+  out[..., 0] = high
+  np.bitwise_and(offset, (1 << TIME_WORD_BITS) - 1, out=out[..., 1], casting="unsafe")
+  return out
 
 
 # ---------------------------------------------------------------------------

@@ -139,3 +139,21 @@ def test_dataset_name_comes_from_the_source(tmp_path):
     features.write_sequence_dataset(str(out), events, item_vocab_size=5, max_len=3,
                                     source=source)
     assert dataset_name(str(out)) == want
+
+
+def test_time_words_are_the_offset_in_two_int32_words_saturating_beyond_2_55():
+  rng = np.random.default_rng(0)
+  times = np.concatenate([rng.integers(0, 2**31, (3, 5)), rng.integers(-2**60, 2**60, (3, 5))
+                          ]).astype(np.int64)
+  times[0, 0], times[1, 0] = 0, -2**62  # padding, and an offset far beyond 2**55
+  reference = times.max(axis=-1)
+  words = features.time_words(times, reference)
+  assert words.dtype == np.int32 and words.shape == (6, 5, 2)
+  bits = features.TIME_WORD_BITS
+  for b in range(6):
+    for i in range(5):
+      offset = int(times[b, i]) - int(reference[b])  # Python ints: exact
+      high = min(max(offset >> bits, -2**31), 2**31 - 1)
+      assert (int(words[b, i, 0]), int(words[b, i, 1])) == (high, offset & (2**bits - 1))
+      if -2**55 <= offset < 2**55:
+        assert int(words[b, i, 0]) * 2**bits + int(words[b, i, 1]) == offset
