@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import os
 from typing import Any, Iterable
 
 from trainers import models
@@ -235,15 +236,35 @@ RESUMABLE_FIELDS = frozenset({"epochs", "num_devices", "embedding_sharding", "sh
                               "device_memory_gb", "stop_at", "patience"})
 
 
+# Fields a loss never reads: under full-softmax cross-entropy no negatives are drawn, and
+# gbce_t is gBCE's alone. A difference in them cannot change a run.
+UNUSED_BY_LOSS = {
+    "softmax": frozenset({"num_negatives", "in_batch_negatives", "negative_sharing",
+                          "negative_group", "gbce_t"}),
+    "sampled_softmax": frozenset({"gbce_t"}),
+}
+
+
+def _same_path(a: Any, b: Any) -> bool:
+  return (isinstance(a, str) and isinstance(b, str) and bool(a) and bool(b)
+          and os.path.realpath(a) == os.path.realpath(b))
+
+
 def config_differences(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
   """``{field: (old value, new value)}`` of the fields that differ, as JSON values.
 
   Model fields are named ``model.KEY`` (as ``--set`` takes them); they are not listed
-  when the model itself differs.
+  when the model itself differs. Not differences: ``data_dir`` spelled two ways for one
+  folder (relative to the working directory, or through a link), and fields the loss of
+  both configs never reads (:data:`UNUSED_BY_LOSS`).
   """
   a, b = json.loads(old.to_json()), json.loads(new.to_json())
   a_model, b_model = a.pop("model_config"), b.pop("model_config")
-  diffs = {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+  unused = UNUSED_BY_LOSS.get(a.get("loss"), frozenset()) if a.get("loss") == b.get("loss") \
+      else frozenset()
+  diffs = {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
+           if a.get(k) != b.get(k) and k not in unused
+           and not (k == "data_dir" and _same_path(a[k], b[k]))}
   if "model" not in diffs:
     diffs.update({f"model.{k}": (a_model.get(k), b_model.get(k))
                   for k in sorted(a_model.keys() | b_model.keys())

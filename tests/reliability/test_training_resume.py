@@ -135,6 +135,38 @@ def test_interrupted_run_is_resumed_only_with_its_own_config(tmp_path):
   assert "to resume it (only --epochs may change)" in message
 
 
+def test_resume_ignores_a_folder_spelled_two_ways_and_fields_the_loss_never_reads(
+    tmp_path, monkeypatch):
+  """Full softmax draws no negatives, so a changed negative-sampling default does not
+  block resuming a softmax run; the data folder given relative or absolute is one folder.
+  A sampled-softmax run is still refused on its negatives."""
+  (tmp_path / "data").mkdir()
+  monkeypatch.chdir(tmp_path)
+  cfg = _config("data", 3).replace(loss="softmax", negative_sharing="group")
+  workdir = str(tmp_path / "w")
+  checkpoints.save_config(workdir, cfg.to_json())
+  ckpt = checkpoints.Checkpoints(workdir, async_save=False)
+  ckpt.save_latest(1, {"w": jnp.zeros(3)}, {"epoch": 1, "history": [], "best": None,
+                                            "stale_evals": 0, "stopped": False})
+  ckpt.close()
+  now = cfg.replace(data_dir=str(tmp_path / "data"), negative_sharing="column",
+                    num_negatives=512, epochs=5)
+  assert checkpoints.check_resume(workdir, now)["epoch"] == 1
+  with pytest.raises(checkpoints.WorkdirConflict, match="data_dir: 'data' in config.json"):
+    checkpoints.check_resume(workdir, now.replace(data_dir=str(tmp_path)))
+  with pytest.raises(checkpoints.WorkdirConflict, match="loss: 'softmax' in config.json"):
+    checkpoints.check_resume(workdir, now.replace(loss="sampled_softmax"))
+  sampled = str(tmp_path / "s")
+  checkpoints.save_config(sampled, cfg.replace(loss="sampled_softmax").to_json())
+  ckpt = checkpoints.Checkpoints(sampled, async_save=False)
+  ckpt.save_latest(1, {"w": jnp.zeros(3)}, {"epoch": 1, "history": [], "best": None,
+                                            "stale_evals": 0, "stopped": False})
+  ckpt.close()
+  with pytest.raises(checkpoints.WorkdirConflict,
+                     match="negative_sharing: 'group' in config.json, 'column' now"):
+    checkpoints.check_resume(sampled, now.replace(loss="sampled_softmax"))
+
+
 # ---------------------------------------------------------------------------
 # (2) raising epochs continues the run: the uninterrupted run's params and metrics
 # ---------------------------------------------------------------------------
