@@ -13,6 +13,7 @@ paper's code.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -212,16 +213,80 @@ def gbce_loss(user: jax.Array, targets: jax.Array, weights: jax.Array,
 def softmax_loss(user: jax.Array, targets: jax.Array, weights: jax.Array,
                  table: jax.Array, temperature: float = 0.05,
                  low: int = features.FIRST_ITEM_ID, normalizer: float | None = None,
-                 high: int | None = None) -> jax.Array:
+                 high: int | None = None, chunk: int = 512) -> jax.Array:
   """Full softmax cross-entropy over the real items ``[low, high)`` of ``table`` (PAD,
-  OOV and the table's padding rows from ``high`` on are masked)."""
-  logits = jnp.einsum("bld,vd->blv", user, table) / temperature
+  OOV and the table's padding rows from ``high`` on are masked).
+
+  The weighted positions are gathered first and scored ``chunk`` at a time
+  (:func:`_chunked_cross_entropy`), so neither the ``[B, L, V]`` logits nor their
+  gradient exist at once, and padding positions (weight 0) cost nothing: only as many
+  chunks run as the batch has weighted positions.
+  """
+  d = user.shape[-1]
+  u = user.reshape(-1, d)
+  t = targets.reshape(-1).astype(jnp.int32)
+  w = weights.reshape(-1).astype(jnp.float32)
+  n = u.shape[0]
+  chunk = max(1, min(chunk, n))
+  order = jnp.argsort(w <= 0, stable=True)  # the weighted positions first, in order
+  pad = (-n) % chunk
+  u, t, w = (jnp.pad(x[order], ((0, pad),) + ((0, 0),) * (x.ndim - 1)) for x in (u, t, w))
+  high = table.shape[0] if high is None else high
+  total = _chunked_cross_entropy(u, t, w, table, temperature, low, high, chunk)
+  if normalizer is not None:
+    return total / normalizer
+  return total / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def _chunk_logits(u: jax.Array, table: jax.Array, temperature: float, low: int,
+                  high: int) -> jax.Array:
+  logits = jnp.dot(u, table.T, preferred_element_type=jnp.float32) / temperature
   column = jnp.arange(table.shape[0])
-  real = (column >= low) & (column < (table.shape[0] if high is None else high))
-  logits = jnp.where(real, logits, _MASKED)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  pos = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return _weighted_mean(log_z - pos, weights, normalizer)
+  return jnp.where((column >= low) & (column < high), logits, _MASKED)
+
+
+def _chunks(w: jax.Array, chunk: int) -> jax.Array:
+  """How many chunks hold the weighted rows (they come first)."""
+  return (jnp.count_nonzero(w > 0) + chunk - 1) // chunk
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _chunked_cross_entropy(u: jax.Array, t: jax.Array, w: jax.Array, table: jax.Array,
+                           temperature: float, low: int, high: int, chunk: int) -> jax.Array:
+  """``sum(w * (logsumexp(logits) - logits[t]))`` over rows ``u`` ``[n, D]`` (weighted
+  rows first, ``n`` a multiple of ``chunk``), one ``[chunk, V]`` block of logits at a
+  time; rows past the last weighted one are never scored. The backward pass recomputes
+  each block's logits (:func:`_chunked_cross_entropy_bwd`)."""
+  def body(i, acc):
+    uc, tc, wc = (jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk) for x in (u, t, w))
+    logits = _chunk_logits(uc, table, temperature, low, high)
+    pos = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+    return acc + jnp.sum(wc * (jax.nn.logsumexp(logits, axis=-1) - pos))
+  return jax.lax.fori_loop(0, _chunks(w, chunk), body, jnp.zeros((), jnp.float32))
+
+
+def _chunked_cross_entropy_fwd(u, t, w, table, temperature, low, high, chunk):
+  return _chunked_cross_entropy(u, t, w, table, temperature, low, high, chunk), (u, t, w, table)
+
+
+def _chunked_cross_entropy_bwd(temperature, low, high, chunk, residuals, g):
+  u, t, w, table = residuals
+
+  def body(i, carry):
+    du, dtable = carry
+    start = i * chunk
+    uc, tc, wc = (jax.lax.dynamic_slice_in_dim(x, start, chunk) for x in (u, t, w))
+    p = jax.nn.softmax(_chunk_logits(uc, table, temperature, low, high), axis=-1)
+    p = p.at[jnp.arange(chunk), tc].add(-1.0)                  # softmax - one hot
+    dlogits = p * (g * wc / temperature)[:, None]              # [chunk, V]
+    du = jax.lax.dynamic_update_slice_in_dim(du, dlogits @ table, start, 0)
+    return du, dtable + dlogits.T @ uc
+  du, dtable = jax.lax.fori_loop(0, _chunks(w, chunk), body,
+                                 (jnp.zeros_like(u), jnp.zeros_like(table)))
+  return du, None, jnp.zeros_like(w), dtable
+
+
+_chunked_cross_entropy.defvjp(_chunked_cross_entropy_fwd, _chunked_cross_entropy_bwd)
 
 
 def binary_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None,

@@ -220,3 +220,42 @@ def test_cloze_loss_on_gathered_masked_positions_equals_the_full_loss():
   lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   ce = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
   assert float(gathered) == pytest.approx(float((ce * weights).sum() / (b * l)), rel=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 512])
+def test_full_softmax_value_and_gradients_equal_numpy_with_padding_and_chunks(chunk):
+  """The chunked cross-entropy (weighted positions gathered, scored ``chunk`` at a time,
+  logits recomputed in the backward pass) against numpy's float64 value and analytic
+  gradients: padding positions, a chunk size that does not divide the positions, table
+  rows past ``high`` masked, and a constant normalizer."""
+  rng = np.random.default_rng(11)
+  b, l, d, v, high, temperature = 3, 10, 5, 17, 15, 0.2
+  user = rng.normal(size=(b, l, d)).astype(np.float32)
+  table = rng.normal(size=(v, d)).astype(np.float32)
+  targets = rng.integers(2, high, (b, l))
+  weights = np.ones((b, l), np.float32)
+  weights[0, :6] = 0   # left padding
+  weights[2] = 0       # a row of padding only
+  for normalizer in (None, 40.0):
+    value, (du, dtable) = jax.value_and_grad(
+        lambda u, t: losses.softmax_loss(u, jnp.asarray(targets), jnp.asarray(weights), t,
+                                         temperature, normalizer=normalizer, high=high,
+                                         chunk=chunk), argnums=(0, 1))(
+        jnp.asarray(user), jnp.asarray(table))
+    logits = np.einsum("bld,vd->blv", user.astype(np.float64), table) / temperature
+    logits[..., :2] = -np.inf
+    logits[..., high:] = -np.inf
+    top = logits.max(-1, keepdims=True)
+    p = np.exp(logits - top)
+    p /= p.sum(-1, keepdims=True)
+    lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+    ce = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    denom = normalizer or weights.sum()
+    assert float(value) == pytest.approx((ce * weights).sum() / denom, rel=1e-5)
+    onehot = np.eye(v)[targets]
+    dlogits = (p - onehot) * (weights / denom / temperature)[..., None]
+    np.testing.assert_allclose(np.asarray(du), np.einsum("blv,vd->bld", dlogits, table),
+                               rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dtable), np.einsum("blv,bld->vd", dlogits, user),
+                               rtol=2e-4, atol=1e-6)
+    assert not np.asarray(du)[2].any()  # padding positions get no gradient
