@@ -47,10 +47,14 @@ def preprocess(name: str, out_root: str) -> str:
   return out
 
 
-def train(model: str, data: str, workdir: str, epochs: int, extra: list[str]) -> dict:
-  """Runs `recml train` in a fresh process; returns metrics.json plus peak RSS."""
+def train(model: str, data: str, workdir: str, epochs: int, extra: list[str],
+          compile_cache: str | None = None) -> dict:
+  """Runs `recml train` in a fresh process; returns metrics.json plus peak RSS. Every step
+  compiles (`--no-compile-cache`) unless ``compile_cache`` names a cache folder."""
+  cache = ["--compile-cache", compile_cache] if compile_cache else ["--no-compile-cache"]
   cmd = [sys.executable, "-m", "pipelines.cli", "train", "--data", data, "--model", model,
-         "--workdir", workdir, "--epochs", str(epochs)] + [a for s in extra for a in ("--set", s)]
+         "--workdir", workdir, "--epochs", str(epochs)] + cache + [
+             a for s in extra for a in ("--set", s)]
   t0 = time.perf_counter()
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)

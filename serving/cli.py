@@ -42,7 +42,7 @@ from typing import Any
 
 from serving import predictor, protocol, registry, server, workers
 from serving.device import Backoff
-from trainers import export
+from trainers import compile_cache, export
 
 
 # ``recml serve --help``'s and the README's curl example: ml-1m movie ids (an unknown id
@@ -195,8 +195,8 @@ def use_compile_cache(args: argparse.Namespace, meta: dict[str, Any]) -> str | N
           file=sys.stderr, flush=True)
     predictor.use_compile_cache(None)
     return None
-  entries = sum(1 for name in os.listdir(directory) if name.endswith("-cache"))
-  print(f"compile cache: {directory} ({entries} executables)", flush=True)
+  print(f"compile cache: {directory} ({compile_cache.entries(directory)} executables)",
+        flush=True)
   return directory
 
 

@@ -24,14 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from serving.protocol import RankingRow, Row
-from trainers import export, features
+from trainers import compile_cache, export, features
 
 
 def time_inputs(timestamps: np.ndarray, query_timestamps: np.ndarray, words: bool = True
@@ -77,11 +76,9 @@ def default_length_buckets(max_len: int) -> tuple[int, ...]:
   return doubling_buckets(32, max_len)
 
 
-CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"  # jax.monitoring, one per executable read
-# JAX's settings for its persistent cache: every executable is written, however fast it
-# compiled and however small it is (the defaults skip those under 1 s)
-_CACHE_SETTINGS = {"jax_persistent_cache_min_compile_time_secs": 0,
-                   "jax_persistent_cache_min_entry_size_bytes": -1}
+CACHE_HIT_EVENT = compile_cache.HIT_EVENT  # jax.monitoring, one per executable read
+default_compile_cache_root = compile_cache.default_root
+use_compile_cache = compile_cache.use
 
 
 def bundle_digest(meta: dict[str, Any]) -> str:
@@ -94,41 +91,10 @@ def bundle_digest(meta: dict[str, Any]) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def default_compile_cache_root() -> str:
-  """``$XDG_CACHE_HOME/recml/compile``, by default ``~/.cache/recml/compile``."""
-  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(root, "recml", "compile")
-
-
 def compile_cache_dir(meta: dict[str, Any], root: str | None = None) -> str:
   """The bundle's compile cache folder: ``<root>/<bundle digest>`` (a bundle never reads
   another's executables; root: :func:`default_compile_cache_root`)."""
   return os.path.join(root or default_compile_cache_root(), bundle_digest(meta))
-
-
-def use_compile_cache(directory: str | None) -> None:
-  """JAX's persistent compilation cache in ``directory`` (created), every executable
-  cached, for this process and the processes it starts afterwards (through JAX's own
-  ``JAX_*`` environment variables); ``None``: no cache.
-
-  Raises:
-    OSError: the folder cannot be created.
-  """
-  settings = {"jax_compilation_cache_dir": directory, **_CACHE_SETTINGS}
-  if directory is not None:
-    os.makedirs(directory, exist_ok=True)
-  for name, value in settings.items():
-    if value is None:
-      os.environ.pop(name.upper(), None)
-    else:
-      os.environ[name.upper()] = str(value)
-  if "jax" in sys.modules:  # already imported: its settings are read, set them too
-    import jax  # pylint: disable=g-import-not-at-top
-    from jax.experimental import compilation_cache  # pylint: disable=g-import-not-at-top
-    for name, value in settings.items():
-      jax.config.update(name, value)
-    # JAX decides once per process whether to use its cache: decide again
-    compilation_cache.compilation_cache.reset_cache()
 
 
 def warm_shapes(shapes: Sequence[tuple[Any, str, Callable[[], Any]]], repeats: int,

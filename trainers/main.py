@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -35,11 +36,39 @@ def register(subparsers) -> None:
   p.add_argument("--smoke", action="store_true", help="tiny model and 2 epochs (for checks)")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config field, e.g. --set batch_size=256 --set num_blocks=4")
+  cache = p.add_mutually_exclusive_group()
+  cache.add_argument("--compile-cache", metavar="DIR",
+                     help="JAX's persistent compilation cache: a resumed or repeated run reads "
+                     "its compiled steps instead of compiling them again (default: "
+                     "$XDG_CACHE_HOME/recml/compile/train, else ~/.cache/recml/compile/train; "
+                     "JAX runs what it finds there: only you should write to it)")
+  cache.add_argument("--no-compile-cache", action="store_true",
+                     help="compile every step at each start, with no cache on disk")
   p.set_defaults(func=_main)
+
+
+def _use_compile_cache(args: argparse.Namespace) -> None:
+  """Turns the compile cache on (before JAX starts); a folder that cannot be made: a
+  warning, no cache."""
+  from trainers import compile_cache  # pylint: disable=g-import-not-at-top  (no JAX)
+  if args.no_compile_cache:
+    compile_cache.use(None)
+    return
+  directory = args.compile_cache or os.path.join(compile_cache.default_root(), "train")
+  try:
+    compile_cache.use(directory)
+  except OSError as e:
+    print(f"recml train: warning: no compile cache (every step compiles at each start): {e}",
+          file=sys.stderr, flush=True)
+    compile_cache.use(None)
+    return
+  logging.getLogger("recml.train").info("compile cache: %s (%d executables)", directory,
+                                        compile_cache.entries(directory))
 
 
 def _main(args: argparse.Namespace) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  _use_compile_cache(args)
   from trainers import distributed  # pylint: disable=g-import-not-at-top
   try:  # before anything touches a JAX backend: join the job's other processes, if any
     distributed.initialize()

@@ -188,3 +188,30 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="recml preprocess"):
     train.train_and_evaluate(configs.get_config("sasrec", smoke=True, data_dir=str(tmp_path)),
                              str(tmp_path / "w"))
+
+
+def test_second_run_reads_every_compiled_step_from_the_compile_cache(cyclic_data, tmp_path):
+  """`recml train --compile-cache DIR`: the first run writes its executables there; a
+  second run of the same config compiles nothing new (no entry added) and ends with the
+  same metrics. `--no-compile-cache` writes none, not even under the default root."""
+  cache = str(tmp_path / "cache")
+  env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+  metrics = []
+  for run in ("a", "b"):
+    out = subprocess.run(_train_cmd(cyclic_data, str(tmp_path / run), 2)
+                         + ["--compile-cache", cache], check=True, capture_output=True,
+                         text=True, env=env)
+    entries = sorted(os.listdir(cache))
+    if run == "a":
+      first = entries
+      assert "compile cache: " + cache + " (0 executables)" in out.stderr
+      assert len(first) >= 2  # the train step and the evaluation, at least
+    else:
+      assert f"compile cache: {cache} ({len(first)} executables)" in out.stderr
+      assert entries == first
+    with open(os.path.join(tmp_path, run, "metrics.json")) as f:
+      metrics.append(json.load(f))
+  assert metrics[0]["test"] == metrics[1]["test"]
+  subprocess.run(_train_cmd(cyclic_data, str(tmp_path / "c"), 1) + ["--no-compile-cache"],
+                 check=True, capture_output=True, env=env)
+  assert not os.path.exists(tmp_path / "xdg")
