@@ -136,7 +136,11 @@ def record_existing(args) -> None:
       workdir = os.path.join(args.out, name, variant)
       done = finished(workdir, args.max_epochs, args.patience)
       if done is not None:
-        record(name, variant, done, workdir)
+        kept = {}
+        if os.path.exists(run_file(name, variant)):  # the quality run's own measurements
+          with open(run_file(name, variant)) as f:
+            kept = {k: v for k, v in json.load(f).items() if k == "peak_rss_gb"}
+        record(name, variant, {**done, **kept}, workdir)
       elif (r := partial(workdir)) is not None:
         with open(run_file(name, variant), "w") as f:
           json.dump(r, f, indent=1)
