@@ -247,11 +247,10 @@ def cmd_ceiling(args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from serving import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
   from serving import protocol  # pylint: disable=g-import-not-at-top
-  from trainers import export  # pylint: disable=g-import-not-at-top
+  from trainers import compile_cache, export  # pylint: disable=g-import-not-at-top
   bundle = export.load_bundle(args.bundle)
   if args.compile_cache:  # the servers' executables: the same shapes, read, not compiled
-    predictor_lib.use_compile_cache(predictor_lib.compile_cache_dir(bundle.meta,
-                                                                    args.compile_cache))
+    compile_cache.use(predictor_lib.compile_cache_dir(bundle.meta, args.compile_cache))
   predictor = predictor_lib.Predictor(bundle, predictor_lib.doubling_buckets(1, CEILING_BATCH))
   predictor.warmup()
   with open(args.bodies, encoding="utf-8") as f:

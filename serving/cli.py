@@ -184,19 +184,12 @@ def check_bundle(path: str) -> dict[str, Any]:
 def use_compile_cache(args: argparse.Namespace, meta: dict[str, Any]) -> str | None:
   """Turns on the bundle's compile cache (for the device process started next); prints
   where it is and what it holds. A folder that cannot be made: a warning, no cache."""
-  if args.no_compile_cache:
-    predictor.use_compile_cache(None)
-    return None
-  directory = predictor.compile_cache_dir(meta, args.compile_cache)
-  try:
-    predictor.use_compile_cache(directory)
-  except OSError as e:
-    print(f"warning: no compile cache (every shape compiles at each start): {e}",
-          file=sys.stderr, flush=True)
-    predictor.use_compile_cache(None)
-    return None
-  print(f"compile cache: {directory} ({compile_cache.entries(directory)} executables)",
-        flush=True)
+  directory = None if args.no_compile_cache else predictor.compile_cache_dir(
+      meta, args.compile_cache)
+  directory = compile_cache.turn_on(directory, "recml serve", "shape")
+  if directory is not None:
+    print(f"compile cache: {directory} ({compile_cache.entries(directory)} executables)",
+          flush=True)
   return directory
 
 

@@ -13,8 +13,8 @@ its item ids (so the batcher and the device process handle both alike).
 
 Start-up: ``warmup(progress=print)`` reports a line per shape as it compiles and a
 final one with the shapes read from JAX's persistent compilation cache;
-:func:`use_compile_cache` turns that cache on in :func:`compile_cache_dir`, a folder of
-the bundle's own (keyed by :func:`bundle_digest`), so a restart of the same bundle reads
+:func:`trainers.compile_cache.use` turns that cache on in :func:`compile_cache_dir`, a
+folder of the bundle's own (keyed by :func:`bundle_digest`), so a restart of the same bundle reads
 its executables instead of compiling them (SASRec on ml-1m-partial, 28 shapes on this
 machine's busy 2 cores: 72 s to compile and warm up, 3 to 5 s from the cache).
 """
@@ -76,11 +76,6 @@ def default_length_buckets(max_len: int) -> tuple[int, ...]:
   return doubling_buckets(32, max_len)
 
 
-CACHE_HIT_EVENT = compile_cache.HIT_EVENT  # jax.monitoring, one per executable read
-default_compile_cache_root = compile_cache.default_root
-use_compile_cache = compile_cache.use
-
-
 def bundle_digest(meta: dict[str, Any]) -> str:
   """16 hex digits of the sha256 of a bundle's file digests (``bundle.json``'s
   ``sha256``): the same files give the same digest, any other file another."""
@@ -93,8 +88,8 @@ def bundle_digest(meta: dict[str, Any]) -> str:
 
 def compile_cache_dir(meta: dict[str, Any], root: str | None = None) -> str:
   """The bundle's compile cache folder: ``<root>/<bundle digest>`` (a bundle never reads
-  another's executables; root: :func:`default_compile_cache_root`)."""
-  return os.path.join(root or default_compile_cache_root(), bundle_digest(meta))
+  another's executables; root: :func:`trainers.compile_cache.default_root`)."""
+  return os.path.join(root or compile_cache.default_root(), bundle_digest(meta))
 
 
 def warm_shapes(shapes: Sequence[tuple[Any, str, Callable[[], Any]]], repeats: int,
@@ -106,14 +101,14 @@ def warm_shapes(shapes: Sequence[tuple[Any, str, Callable[[], Any]]], repeats: i
   ``progress`` gets a line per shape (``compiling 3/28: batch 4 x length 32 ... 1.2 s``,
   `` (from cache)`` when read from the cache) and a final one. Returns ``({key: seconds
   per call}, {"shapes", "from_cache", "seconds"})``; ``from_cache`` counts JAX's
-  cache-hit events (:data:`CACHE_HIT_EVENT`), one per executable read.
+  cache-hit events (:data:`trainers.compile_cache.HIT_EVENT`), one per executable read.
   """
   import jax  # pylint: disable=g-import-not-at-top
   hits = []
 
   def listen(event: str, **kwargs) -> None:
     del kwargs
-    if event == CACHE_HIT_EVENT:
+    if event == compile_cache.HIT_EVENT:
       hits.append(event)
   cost, started = {}, time.perf_counter()
   jax.monitoring.register_event_listener(listen)

@@ -51,6 +51,20 @@ def use(directory: str | None) -> None:
     compilation_cache.compilation_cache.reset_cache()
 
 
+def turn_on(directory: str | None, prog: str, what: str) -> str | None:
+  """:func:`use` of ``directory`` (``None``: no cache), for a command-line tool: a folder
+  that cannot be made is a warning on stderr (``prog: warning: no compile cache (every
+  WHAT compiles at each start)``) and no cache. Returns the folder in use, or None."""
+  try:
+    use(directory)
+  except OSError as e:
+    print(f"{prog}: warning: no compile cache (every {what} compiles at each start): {e}",
+          file=sys.stderr, flush=True)
+    use(None)
+    return None
+  return directory
+
+
 def entries(directory: str) -> int:
   """How many executables ``directory`` holds (0 when it does not exist)."""
   if not os.path.isdir(directory):

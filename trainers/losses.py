@@ -29,9 +29,14 @@ def _weighted_mean(per_position: jax.Array, weights: jax.Array,
                    normalizer: float | None = None) -> jax.Array:
   """``sum(w * loss) / sum(w)``, or ``/ normalizer`` when given (a constant, so that a
   position weighs the same whichever batch it falls in, e.g. with length buckets)."""
+  return _normalized(jnp.sum(per_position * weights), weights, normalizer)
+
+
+def _normalized(total: jax.Array, weights: jax.Array, normalizer: float | None) -> jax.Array:
+  """A weighted sum over ``normalizer``, or over ``sum(weights)`` (at least 1)."""
   if normalizer is not None:
-    return jnp.sum(per_position * weights) / normalizer
-  return jnp.sum(per_position * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    return total / normalizer
+  return total / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def sample_negatives(rng: jax.Array, shape_bl: tuple[int, int], num_negatives: int,
@@ -233,9 +238,7 @@ def softmax_loss(user: jax.Array, targets: jax.Array, weights: jax.Array,
   u, t, w = (jnp.pad(x[order], ((0, pad),) + ((0, 0),) * (x.ndim - 1)) for x in (u, t, w))
   high = table.shape[0] if high is None else high
   total = _chunked_cross_entropy(u, t, w, table, temperature, low, high, chunk)
-  if normalizer is not None:
-    return total / normalizer
-  return total / jnp.maximum(jnp.sum(w), 1.0)
+  return _normalized(total, w, normalizer)
 
 
 def _chunk_logits(u: jax.Array, table: jax.Array, temperature: float, low: int,

@@ -51,19 +51,12 @@ def _use_compile_cache(args: argparse.Namespace) -> None:
   """Turns the compile cache on (before JAX starts); a folder that cannot be made: a
   warning, no cache."""
   from trainers import compile_cache  # pylint: disable=g-import-not-at-top  (no JAX)
-  if args.no_compile_cache:
-    compile_cache.use(None)
-    return
-  directory = args.compile_cache or os.path.join(compile_cache.default_root(), "train")
-  try:
-    compile_cache.use(directory)
-  except OSError as e:
-    print(f"recml train: warning: no compile cache (every step compiles at each start): {e}",
-          file=sys.stderr, flush=True)
-    compile_cache.use(None)
-    return
-  logging.getLogger("recml.train").info("compile cache: %s (%d executables)", directory,
-                                        compile_cache.entries(directory))
+  directory = None if args.no_compile_cache else (
+      args.compile_cache or os.path.join(compile_cache.default_root(), "train"))
+  directory = compile_cache.turn_on(directory, "recml train", "step")
+  if directory is not None:
+    logging.getLogger("recml.train").info("compile cache: %s (%d executables)", directory,
+                                          compile_cache.entries(directory))
 
 
 def _main(args: argparse.Namespace) -> int:

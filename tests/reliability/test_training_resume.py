@@ -117,15 +117,20 @@ def test_cli_set_on_a_finished_run_exits_2_and_says_what_to_do(runs, tmp_path):
   assert _tree(workdir) == before
 
 
-def test_interrupted_run_is_resumed_only_with_its_own_config(tmp_path):
-  """A work directory at epoch 1 of 3 (a real checkpoint): the refusal says how to resume."""
-  cfg = _config(str(tmp_path / "data"), 3)
-  workdir = str(tmp_path / "w")
+def _at_epoch_1(workdir, cfg):
+  """A work directory holding ``cfg``'s config and a real checkpoint of epoch 1."""
   checkpoints.save_config(workdir, cfg.to_json())
   ckpt = checkpoints.Checkpoints(workdir, async_save=False)
   ckpt.save_latest(1, {"w": jnp.zeros(3)}, {"epoch": 1, "history": [], "best": None,
                                             "stale_evals": 0, "stopped": False})
   ckpt.close()
+
+
+def test_interrupted_run_is_resumed_only_with_its_own_config(tmp_path):
+  """A work directory at epoch 1 of 3 (a real checkpoint): the refusal says how to resume."""
+  cfg = _config(str(tmp_path / "data"), 3)
+  workdir = str(tmp_path / "w")
+  _at_epoch_1(workdir, cfg)
   assert checkpoints.check_resume(workdir, cfg.replace(epochs=5))["epoch"] == 1
   with pytest.raises(checkpoints.WorkdirConflict) as err:
     checkpoints.check_resume(workdir, cfg.replace(seed=7, batch_size=16))
@@ -144,11 +149,7 @@ def test_resume_ignores_a_folder_spelled_two_ways_and_fields_the_loss_never_read
   monkeypatch.chdir(tmp_path)
   cfg = _config("data", 3).replace(loss="softmax", negative_sharing="group")
   workdir = str(tmp_path / "w")
-  checkpoints.save_config(workdir, cfg.to_json())
-  ckpt = checkpoints.Checkpoints(workdir, async_save=False)
-  ckpt.save_latest(1, {"w": jnp.zeros(3)}, {"epoch": 1, "history": [], "best": None,
-                                            "stale_evals": 0, "stopped": False})
-  ckpt.close()
+  _at_epoch_1(workdir, cfg)
   now = cfg.replace(data_dir=str(tmp_path / "data"), negative_sharing="column",
                     num_negatives=512, epochs=5)
   assert checkpoints.check_resume(workdir, now)["epoch"] == 1
@@ -157,11 +158,7 @@ def test_resume_ignores_a_folder_spelled_two_ways_and_fields_the_loss_never_read
   with pytest.raises(checkpoints.WorkdirConflict, match="loss: 'softmax' in config.json"):
     checkpoints.check_resume(workdir, now.replace(loss="sampled_softmax"))
   sampled = str(tmp_path / "s")
-  checkpoints.save_config(sampled, cfg.replace(loss="sampled_softmax").to_json())
-  ckpt = checkpoints.Checkpoints(sampled, async_save=False)
-  ckpt.save_latest(1, {"w": jnp.zeros(3)}, {"epoch": 1, "history": [], "best": None,
-                                            "stale_evals": 0, "stopped": False})
-  ckpt.close()
+  _at_epoch_1(sampled, cfg.replace(loss="sampled_softmax"))
   with pytest.raises(checkpoints.WorkdirConflict,
                      match="negative_sharing: 'group' in config.json, 'column' now"):
     checkpoints.check_resume(sampled, now.replace(loss="sampled_softmax"))
