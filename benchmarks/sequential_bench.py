@@ -47,10 +47,16 @@ VARIANTS = {
     "sasrec-ce-dot": ("sasrec", ["loss=softmax", "l2_normalize=False", "temperature=1.0"],
                       "SASRec, full-softmax cross-entropy over raw dot products "
                       "(Klenitskiy & Vasilev's SASRec+)"),
+    "sasrec-ce-dot-d64": ("sasrec", ["loss=softmax", "l2_normalize=False", "temperature=1.0",
+                                     "embedding_dim=64", "ffn_dim=64", "dropout=0.1"],
+                          "SASRec-CE-dot at Klenitskiy & Vasilev's ML-1M shapes: d=64, "
+                          "dropout 0.1"),
     "sasrec-gbce": ("sasrec", ["loss=gbce", "num_negatives=256", "l2_normalize=False",
                                "temperature=1.0"],
                     "SASRec, gBCE with 256 negatives, t=0.75 (gSASRec)"),
     "bert4rec": ("bert4rec", [], "BERT4Rec, cloze (mask 0.2), full-softmax cross-entropy"),
+    "bert4rec-drop0.1": ("bert4rec", ["dropout=0.1", "attention_dropout=0.1"],
+                         "BERT4Rec as `bert4rec`, dropout 0.1 (the paper's ML-1M setting)"),
     "mamba4rec": ("mamba4rec", [], "Mamba4Rec, 1 layer, d=64, full-softmax cross-entropy"),
     "hstu": ("hstu", [], "HSTU, sampled softmax, 128 negatives"),
     "hstu-group8": ("hstu", ["negative_sharing=group"],
@@ -268,8 +274,9 @@ def table(args, speed_rows: list[str] | None, peer_rows: list[str] | None = None
       state = "early stop" if r["early_stopped"] else f"cap {args.max_epochs}"
       if r.get("running"):
         state = "not converged: stopped here, resumes"
+      params = format(r["num_params"], ",") if r["num_params"] else "—"
       rows.append(f"| {variant} | {r['selected_epoch']} / {r['epochs_run']} ({state}) | "
-                  f"{format(r['num_params'], ',') if r['num_params'] else '—'} | {cells} | {_fmt(r['seconds_per_epoch'], 2)} | "
+                  f"{params} | {cells} | {_fmt(r['seconds_per_epoch'], 2)} | "
                   f"{_fmt(r['sequences_per_second'], 0)} | {_fmt(r['peak_rss_gb'], 2)} |")
     if rows:
       lines += ["", f"## {name}", "",
