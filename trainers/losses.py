@@ -258,8 +258,9 @@ def _chunked_cross_entropy(u: jax.Array, t: jax.Array, w: jax.Array, table: jax.
                            temperature: float, low: int, high: int, chunk: int) -> jax.Array:
   """``sum(w * (logsumexp(logits) - logits[t]))`` over rows ``u`` ``[n, D]`` (weighted
   rows first, ``n`` a multiple of ``chunk``), one ``[chunk, V]`` block of logits at a
-  time; rows past the last weighted one are never scored. The backward pass recomputes
-  each block's logits (:func:`_chunked_cross_entropy_bwd`)."""
+  time; rows past the last weighted one are never scored. Differentiated, the forward
+  pass also computes the gradients while it holds each block
+  (:func:`_chunked_cross_entropy_fwd`)."""
   def body(i, acc):
     uc, tc, wc = (jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk) for x in (u, t, w))
     logits = _chunk_logits(uc, table, temperature, low, high)
@@ -269,24 +270,33 @@ def _chunked_cross_entropy(u: jax.Array, t: jax.Array, w: jax.Array, table: jax.
 
 
 def _chunked_cross_entropy_fwd(u, t, w, table, temperature, low, high, chunk):
-  return _chunked_cross_entropy(u, t, w, table, temperature, low, high, chunk), (u, t, w, table)
+  """The loss and its gradients of ``u`` and ``table`` in one pass over the blocks: the
+  loss is the last operation, so ``d loss / d logits = w * (softmax - one hot) / T`` is
+  known while a block of logits is at hand. Three ``[chunk, D] x [D, V]`` products a
+  block (the logits, then the two gradients) instead of four when the backward pass
+  recomputes the logits; the residuals are the gradients, ``[n, D]`` and ``[V, D]``."""
+  def body(i, carry):
+    total, du, dtable = carry
+    start = i * chunk
+    uc, tc, wc = (jax.lax.dynamic_slice_in_dim(x, start, chunk) for x in (u, t, w))
+    logits = _chunk_logits(uc, table, temperature, low, high)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    pos = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+    p = jnp.exp(logits - lse[:, None])
+    p = p.at[jnp.arange(chunk), tc].add(-1.0)                  # softmax - one hot
+    dlogits = p * (wc / temperature)[:, None]                  # [chunk, V]
+    du = jax.lax.dynamic_update_slice_in_dim(du, dlogits @ table, start, 0)
+    return total + jnp.sum(wc * (lse - pos)), du, dtable + dlogits.T @ uc
+  total, du, dtable = jax.lax.fori_loop(
+      0, _chunks(w, chunk), body,
+      (jnp.zeros((), jnp.float32), jnp.zeros_like(u), jnp.zeros_like(table)))
+  return total, (du, dtable, w)
 
 
 def _chunked_cross_entropy_bwd(temperature, low, high, chunk, residuals, g):
-  u, t, w, table = residuals
-
-  def body(i, carry):
-    du, dtable = carry
-    start = i * chunk
-    uc, tc, wc = (jax.lax.dynamic_slice_in_dim(x, start, chunk) for x in (u, t, w))
-    p = jax.nn.softmax(_chunk_logits(uc, table, temperature, low, high), axis=-1)
-    p = p.at[jnp.arange(chunk), tc].add(-1.0)                  # softmax - one hot
-    dlogits = p * (g * wc / temperature)[:, None]              # [chunk, V]
-    du = jax.lax.dynamic_update_slice_in_dim(du, dlogits @ table, start, 0)
-    return du, dtable + dlogits.T @ uc
-  du, dtable = jax.lax.fori_loop(0, _chunks(w, chunk), body,
-                                 (jnp.zeros_like(u), jnp.zeros_like(table)))
-  return du, None, jnp.zeros_like(w), dtable
+  del temperature, low, high, chunk  # in the residuals already
+  du, dtable, w = residuals
+  return g * du, None, jnp.zeros_like(w), g * dtable
 
 
 _chunked_cross_entropy.defvjp(_chunked_cross_entropy_fwd, _chunked_cross_entropy_bwd)
