@@ -54,9 +54,10 @@ VARIANTS = {
     "sasrec-gbce": ("sasrec", ["loss=gbce", "num_negatives=256", "l2_normalize=False",
                                "temperature=1.0"],
                     "SASRec, gBCE with 256 negatives, t=0.75 (gSASRec)"),
-    "bert4rec": ("bert4rec", [], "BERT4Rec, cloze (mask 0.2), full-softmax cross-entropy"),
-    "bert4rec-drop0.1": ("bert4rec", ["dropout=0.1", "attention_dropout=0.1"],
-                         "BERT4Rec as `bert4rec`, dropout 0.1 (the paper's ML-1M setting)"),
+    "bert4rec": ("bert4rec", [], "BERT4Rec, cloze (mask 0.2), dropout 0.1, full-softmax "
+                 "cross-entropy"),
+    "bert4rec-drop0.2": ("bert4rec", ["dropout=0.2", "attention_dropout=0.2"],
+                         "BERT4Rec as `bert4rec`, dropout 0.2 (the preset before 0.1)"),
     "mamba4rec": ("mamba4rec", [], "Mamba4Rec, 1 layer, d=64, full-softmax cross-entropy"),
     "hstu": ("hstu", [], "HSTU, sampled softmax, 128 negatives"),
     "hstu-group8": ("hstu", ["negative_sharing=group"],
@@ -272,8 +273,10 @@ def table(args, speed_rows: list[str] | None, peer_rows: list[str] | None = None
         rows.append(f"| most popular | — | — | {cells} | — | — | — |")
         continue
       state = "early stop" if r["early_stopped"] else f"cap {args.max_epochs}"
-      if r.get("running"):
-        state = "not converged: stopped here, resumes"
+      if r.get("running"):  # it resumes while its work directory is here
+        resumes = os.path.exists(os.path.join(args.out, name, variant, "log.jsonl"))
+        state = "not converged: stopped here" + (", resumes" if resumes else
+                                                 "; its work directory is gone")
       params = format(r["num_params"], ",") if r["num_params"] else "—"
       rows.append(f"| {variant} | {r['selected_epoch']} / {r['epochs_run']} ({state}) | "
                   f"{params} | {cells} | {_fmt(r['seconds_per_epoch'], 2)} | "
