@@ -51,6 +51,9 @@ VARIANTS = {
                                      "embedding_dim=64", "ffn_dim=64", "dropout=0.1"],
                           "SASRec-CE-dot at Klenitskiy & Vasilev's ML-1M shapes: d=64, "
                           "dropout 0.1"),
+    "sasrec-ce-dot-drop0.3": ("sasrec", ["loss=softmax", "l2_normalize=False",
+                                         "temperature=1.0", "dropout=0.3"],
+                              "SASRec-CE-dot with dropout 0.3 (d=64 at 0.1 overfit early)"),
     "sasrec-gbce": ("sasrec", ["loss=gbce", "num_negatives=256", "l2_normalize=False",
                                "temperature=1.0"],
                     "SASRec, gBCE with 256 negatives, t=0.75 (gSASRec)"),
