@@ -253,6 +253,16 @@ def _chunks(w: jax.Array, chunk: int) -> jax.Array:
   return (jnp.count_nonzero(w > 0) + chunk - 1) // chunk
 
 
+def _block(i, u, t, w, table, temperature, low, high, chunk):
+  """Block ``i`` of :func:`_chunked_cross_entropy`: its rows, targets and weights, its
+  ``[chunk, V]`` logits, their logsumexp and the block's weighted loss sum."""
+  uc, tc, wc = (jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk) for x in (u, t, w))
+  logits = _chunk_logits(uc, table, temperature, low, high)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  pos = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+  return uc, tc, wc, logits, lse, jnp.sum(wc * (lse - pos))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _chunked_cross_entropy(u: jax.Array, t: jax.Array, w: jax.Array, table: jax.Array,
                            temperature: float, low: int, high: int, chunk: int) -> jax.Array:
@@ -262,10 +272,7 @@ def _chunked_cross_entropy(u: jax.Array, t: jax.Array, w: jax.Array, table: jax.
   pass also computes the gradients while it holds each block
   (:func:`_chunked_cross_entropy_fwd`)."""
   def body(i, acc):
-    uc, tc, wc = (jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk) for x in (u, t, w))
-    logits = _chunk_logits(uc, table, temperature, low, high)
-    pos = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
-    return acc + jnp.sum(wc * (jax.nn.logsumexp(logits, axis=-1) - pos))
+    return acc + _block(i, u, t, w, table, temperature, low, high, chunk)[-1]
   return jax.lax.fori_loop(0, _chunks(w, chunk), body, jnp.zeros((), jnp.float32))
 
 
@@ -277,16 +284,12 @@ def _chunked_cross_entropy_fwd(u, t, w, table, temperature, low, high, chunk):
   recomputes the logits; the residuals are the gradients, ``[n, D]`` and ``[V, D]``."""
   def body(i, carry):
     total, du, dtable = carry
-    start = i * chunk
-    uc, tc, wc = (jax.lax.dynamic_slice_in_dim(x, start, chunk) for x in (u, t, w))
-    logits = _chunk_logits(uc, table, temperature, low, high)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    pos = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+    uc, tc, wc, logits, lse, loss = _block(i, u, t, w, table, temperature, low, high, chunk)
     p = jnp.exp(logits - lse[:, None])
     p = p.at[jnp.arange(chunk), tc].add(-1.0)                  # softmax - one hot
     dlogits = p * (wc / temperature)[:, None]                  # [chunk, V]
-    du = jax.lax.dynamic_update_slice_in_dim(du, dlogits @ table, start, 0)
-    return total + jnp.sum(wc * (lse - pos)), du, dtable + dlogits.T @ uc
+    du = jax.lax.dynamic_update_slice_in_dim(du, dlogits @ table, i * chunk, 0)
+    return total + loss, du, dtable + dlogits.T @ uc
   total, du, dtable = jax.lax.fori_loop(
       0, _chunks(w, chunk), body,
       (jnp.zeros((), jnp.float32), jnp.zeros_like(u), jnp.zeros_like(table)))
